@@ -1,0 +1,196 @@
+"""The streaming clip dataset: shards -> parsed samples -> bucketed, decoded, collated batches.
+
+Batches are formed inside the loader workers (the DataLoader runs with batch_size=None), because a batch's shape
+is its bucket's. Training streams are resampled and endless; validation is one ordered, deterministic pass.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from isa4d.data.batch import Batch, collate
+from isa4d.data.buckets import Bucket, BucketSchedule, fits
+from isa4d.data.contract import ParsedSample, SampleError, parse_sample
+from isa4d.data.examples import ClipOptions, decode_example
+from isa4d.data.shards import expand_urls, iter_samples, resampled_urls, shuffled, split_for_worker
+
+log = logging.getLogger("isa4d.data")
+
+
+class DataQualityError(RuntimeError):
+    """Too large a fraction of the input was skipped: the data (or its URLs) are likely wrong, so stop."""
+
+
+class SkipCounter:
+    """Counts samples seen and skipped by reason; raises DataQualityError past `max_fraction`."""
+
+    def __init__(self, max_fraction: float, min_samples: int, max_shard_errors_in_row: int = 20):
+        self.max_fraction, self.min_samples = max_fraction, min_samples
+        self.seen, self.skipped, self.shard_errors = 0, Counter(), 0
+        self.errors_in_row, self.max_errors_in_row = 0, max_shard_errors_in_row
+        self.last: str = ""
+
+    def skip(self, reason: str, message: str) -> None:
+        self.skipped[reason] += 1
+        self.last = message
+        log.warning("skipping sample %s [data/skipped/%s]", message, reason)
+        total = sum(self.skipped.values())
+        if self.seen >= self.min_samples and total > self.max_fraction * self.seen:
+            raise DataQualityError(
+                f"{total} of {self.seen} samples skipped ({total / self.seen:.1%} > max_skip_fraction="
+                f"{self.max_fraction:.1%}); by reason {dict(self.skipped)}; last: {message}"
+            )
+
+    def shard_error(self, url: str, exn: Exception) -> None:
+        self.shard_errors += 1
+        self.errors_in_row += 1
+        log.warning("shard %s failed: %s: %s [data/shard_errors]", url, type(exn).__name__, exn)
+        if self.errors_in_row > self.max_errors_in_row:
+            raise DataQualityError(f"{self.errors_in_row} shards in a row failed to read; last {url}: {type(exn).__name__}: {exn}")
+
+    def state(self, worker: int) -> dict[str, Any]:
+        return {"worker": worker, "seen": self.seen, "skipped": dict(self.skipped), "shard_errors": self.shard_errors}
+
+
+class ClipDataset(IterableDataset):
+    """Bucketed clip batches from contract shards.
+
+    `rank`/`world_size` are set by the datamodule. `start_step` is the global step the stream begins at, so the
+    bucket schedule stays aligned after a resume.
+    """
+
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        buckets: Sequence[Bucket],
+        *,
+        train: bool,
+        options: ClipOptions = ClipOptions(),
+        seed: int = 0,
+        resampled: bool = True,
+        shuffle_buffer: int = 32,
+        pool_size: int = 64,
+        max_skip_fraction: float = 0.1,
+        min_samples_for_skip_check: int = 50,
+        rank: int = 0,
+        world_size: int = 1,
+        start_step: int = 0,
+    ):
+        super().__init__()
+        self.urls = expand_urls(urls)
+        self.schedule = BucketSchedule(buckets, seed)
+        self.train, self.options, self.seed, self.resampled = train, options, seed, resampled and train
+        self.shuffle_buffer, self.pool_size = shuffle_buffer, pool_size
+        self.max_skip_fraction, self.min_samples = max_skip_fraction, min_samples_for_skip_check
+        self.rank, self.world_size, self.start_step = rank, world_size, start_step
+        self.epoch = 0
+
+    # ------------------------------------------------------------------------------------------- the raw stream
+
+    def _worker(self) -> tuple[int, int]:
+        info = get_worker_info()
+        return (0, 1) if info is None else (info.id, info.num_workers)
+
+    def _parsed(self, counter: SkipCounter, worker: int, num_workers: int, rng: np.random.Generator) -> Iterator[ParsedSample]:
+        if self.resampled:
+            samples = iter_samples(resampled_urls(self.urls, rng), counter.shard_error)
+            samples = shuffled(samples, self.shuffle_buffer, rng) if self.shuffle_buffer > 1 else samples
+            keep = lambda i: True  # noqa: E731
+        else:
+            urls = list(self.urls)
+            if self.train:  # an epoch-ordered pass: the same permutation on every rank, then split
+                np.random.default_rng([self.seed, self.epoch]).shuffle(urls)
+            urls, keep = split_for_worker(urls, self.rank, self.world_size, worker, num_workers)
+            samples = iter_samples(urls, counter.shard_error)
+        for i, raw in enumerate(samples):
+            if not keep(i):
+                continue
+            counter.seen += 1
+            counter.errors_in_row = 0
+            try:
+                yield parse_sample(raw)
+            except SampleError as e:
+                counter.skip(e.reason, str(e) + f" (shard {raw.get('__url__', '?')})")
+
+    def __iter__(self) -> Iterator[Batch]:
+        worker, num_workers = self._worker()
+        gid = self.rank * num_workers + worker
+        counter = SkipCounter(self.max_skip_fraction, self.min_samples, max(20, 2 * len(self.urls)))
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, self.start_step])
+        parsed = self._parsed(counter, worker, num_workers, rng)
+        if self.train:
+            yield from self._train_batches(parsed, counter, gid, worker, num_workers, rng)
+        else:
+            yield from self._eval_batches(parsed, counter, gid)
+
+    # ------------------------------------------------------------------------------------------------ batching
+
+    def _fits(self, s: ParsedSample, bucket: Bucket) -> bool:
+        o = self.options
+        return fits(bucket, s.info.height, s.info.width, s.info.num_frames, min_stride=o.min_stride,
+                    aspect_tolerance=o.aspect_tolerance, max_upscale=o.max_upscale)
+
+    def _train_batches(self, parsed: Iterator[ParsedSample], counter: SkipCounter, gid: int, worker: int,
+                       num_workers: int, rng: np.random.Generator) -> Iterator[Batch]:
+        """Worker w produces the rank's batches w, w + W, w + 2W, ... (the DataLoader takes workers in turn), so it
+        knows the step of every batch it makes and fills it from the bucket the schedule names for that step."""
+        pool: list[ParsedSample] = []
+        evicted, k = 0, 0
+        while True:
+            step = self.start_step + k * num_workers + worker
+            bucket = self.schedule[step]
+            examples, scanned = [], 0
+            while len(examples) < bucket.batch_size:
+                s = next((x for x in pool if self._fits(x, bucket)), None)
+                if s is not None:
+                    pool.remove(s)
+                    try:
+                        examples.append(decode_example(s, bucket, self.options, rng))
+                    except SampleError as e:
+                        counter.skip(e.reason, str(e) + f" (shard {s.url})")
+                    continue
+                s = next(parsed, None)
+                if s is None:
+                    return  # a finite (non-resampled) pass ended; the partial batch is dropped in training
+                scanned += 1
+                if not any(self._fits(s, b) for b in self.schedule.buckets):
+                    counter.skip("no_bucket", f"{s.key}: {s.info.height}x{s.info.width}x{s.info.num_frames} fits no bucket (shard {s.url})")
+                    continue
+                pool.append(s)
+                if len(pool) > self.pool_size:
+                    pool.pop(0)
+                    evicted += 1
+                if scanned > 20 * self.pool_size:
+                    raise DataQualityError(
+                        f"bucket {bucket.name} found no fitting clip among {scanned} samples; check the buckets "
+                        f"against the data (isa4d data inspect) or lower its weight"
+                    )
+            yield collate(examples, {**counter.state(gid), "evicted": evicted, "bucket": bucket.name, "step": step})
+            k += 1
+
+    def _eval_batches(self, parsed: Iterator[ParsedSample], counter: SkipCounter, gid: int) -> Iterator[Batch]:
+        """One ordered pass at the first bucket's size, centred windows and crops, every clip regardless of aspect."""
+        bucket = self.schedule.buckets[0]
+        examples = []
+        for s in parsed:
+            try:
+                examples.append(decode_example(s, bucket, self.options, None))
+            except SampleError as e:
+                counter.skip(e.reason, str(e) + f" (shard {s.url})")
+                continue
+            if len(examples) == bucket.batch_size:
+                yield collate(examples, {**counter.state(gid), "bucket": bucket.name})
+                examples = []
+        if examples:
+            yield collate(examples, {**counter.state(gid), "bucket": bucket.name})
+
+
+def worker_init_fn(worker_id: int) -> None:
+    """Keep each loader worker to one thread: decode runs in parallel across workers, not inside them."""
+    torch.set_num_threads(1)

@@ -1,0 +1,97 @@
+"""Shard URLs: expansion, opening (local, `pipe:`, fsspec URLs), splitting across ranks and workers."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Iterator, Sequence
+from urllib.parse import urlparse
+
+import braceexpand
+import numpy as np
+import webdataset as wds
+from webdataset.gopen import gopen
+
+log = logging.getLogger("isa4d.data")
+
+
+def expand_urls(urls: str | Sequence[str]) -> list[str]:
+    """Brace-expand a URL pattern or a list of them: `data/train-{000..099}.tar` -> 100 URLs."""
+    patterns = [urls] if isinstance(urls, str) else list(urls)
+    out = [u for p in patterns for u in braceexpand.braceexpand(p)]
+    if not out:
+        raise ValueError(f"no shard URLs in {urls!r}")
+    return out
+
+
+def open_url(url: str):
+    """A readable binary stream for a shard URL.
+
+    Local paths, `file://` and `pipe:CMD` go through webdataset's gopen; every other scheme (s3://, gs://, http://,
+    memory://, ...) through fsspec, which needs the protocol's backend installed (s3fs for s3, aiohttp for http).
+    """
+    scheme = urlparse(url).scheme
+    if url.startswith("pipe:") or scheme in ("", "file") or len(scheme) == 1:  # len 1: a Windows drive letter
+        return gopen(url[7:] if url.startswith("file://") else url, "rb")
+    import fsspec
+
+    try:
+        return fsspec.open(url, "rb").open()
+    except ImportError as e:
+        raise ImportError(f"{url}: fsspec needs the backend for '{scheme}://' ({e}); e.g. pip install s3fs for s3") from e
+
+
+def iter_samples(urls: Sequence[str], on_shard_error: Callable[[str, Exception], None]) -> Iterator[dict[str, Any]]:
+    """Raw samples (dicts of bytes with __key__ and __url__) from the shards in order.
+
+    A shard that cannot be opened or is corrupt part-way is reported to `on_shard_error` and the stream goes on
+    with the next one; samples read before the fault are kept.
+    """
+    for url in urls:
+        def handler(exn: Exception, url: str = url) -> bool:
+            on_shard_error(url, exn)
+            return False  # stop this shard, continue with the next
+
+        try:
+            stream = open_url(url)
+        except Exception as e:
+            on_shard_error(url, e)
+            continue
+        try:
+            files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=handler)
+            yield from wds.tariterators.group_by_keys(files, handler=handler)
+        except Exception as e:  # errors the handlers do not see (e.g. a tar header that fails to parse)
+            on_shard_error(url, e)
+        finally:
+            stream.close()
+
+
+def split_for_worker(urls: list[str], rank: int, world_size: int, worker: int, num_workers: int) -> tuple[list[str], Callable[[int], bool]]:
+    """Which shards and which samples of them one (rank, worker) reads in a finite, ordered pass.
+
+    With at least as many shards as workers in the world, shards are dealt round-robin. With fewer, every worker reads
+    every shard and keeps sample i when i % (world_size * num_workers) is its global worker index. Either way the
+    parts are disjoint and together complete.
+    """
+    total, gid = world_size * num_workers, rank * num_workers + worker
+    if len(urls) >= total:
+        return urls[gid::total], lambda i: True
+    return urls, lambda i: i % total == gid
+
+
+def resampled_urls(urls: list[str], rng: np.random.Generator) -> Iterator[str]:
+    """An endless stream of shards drawn with replacement (each rank and worker with its own rng)."""
+    while True:
+        yield urls[int(rng.integers(len(urls)))]
+
+
+def shuffled(samples: Iterator[Any], bufsize: int, rng: np.random.Generator) -> Iterator[Any]:
+    """Shuffle a stream through a buffer of `bufsize` items."""
+    buf: list[Any] = []
+    for s in samples:
+        buf.append(s)
+        if len(buf) >= bufsize:
+            i = int(rng.integers(len(buf)))
+            buf[i], buf[-1] = buf[-1], buf[i]
+            yield buf.pop()
+    rng.shuffle(buf)
+    yield from buf

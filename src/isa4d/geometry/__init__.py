@@ -1,0 +1,1 @@
+"""Cameras and projection. Conventions: OpenCV pinhole, pixel centres at integer coordinates."""

@@ -1,0 +1,16 @@
+"""Headless OpenGL (moderngl/EGL) rendering of posed meshes with OpenCV cameras. See docs/rendering.md."""
+
+from isa4d.render.camera_gl import linearize_depth, mvp_from_camera, ndc_to_pixel, projection_from_K
+from isa4d.render.rasterizer import Mesh, MeshRenderer, RenderError, RenderOutput, vertex_normals
+
+__all__ = [
+    "Mesh",
+    "MeshRenderer",
+    "RenderError",
+    "RenderOutput",
+    "linearize_depth",
+    "mvp_from_camera",
+    "ndc_to_pixel",
+    "projection_from_K",
+    "vertex_normals",
+]
