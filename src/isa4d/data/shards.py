@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import logging
 from typing import Any, Callable, Iterator, Sequence
 from urllib.parse import urlparse
@@ -15,9 +16,12 @@ log = logging.getLogger("isa4d.data")
 
 
 def expand_urls(urls: str | Sequence[str]) -> list[str]:
-    """Brace-expand a URL pattern or a list of them: `data/train-{000..099}.tar` -> 100 URLs."""
+    """Brace-expand URL patterns (`data/train-{000..099}.tar` -> 100 URLs); local patterns may also glob (`data/*.tar`)."""
     patterns = [urls] if isinstance(urls, str) else list(urls)
-    out = [u for p in patterns for u in braceexpand.braceexpand(p)]
+    out = []
+    for u in (u for p in patterns for u in braceexpand.braceexpand(p)):
+        local = "://" not in u and not u.startswith("pipe:")
+        out.extend(sorted(glob.glob(u)) if local and glob.has_magic(u) else [u])
     if not out:
         raise ValueError(f"no shard URLs in {urls!r}")
     return out

@@ -1,0 +1,54 @@
+# isa4d: one front door. `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+ISA4D  := $(VENV)/bin/isa4d
+STAMP  := $(VENV)/.isa4d-installed
+DATA   ?= data/toy
+PRESET ?= default
+PYTEST_ARGS ?=
+
+.PHONY: help setup test test-all demo data toy-body inspect bench bench-data clean
+
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): setup.cfg constraints.txt pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e ".[test]"
+	$(PY) -c "import torch, lightning, webdataset, smplx, av; print('isa4d env: torch', torch.__version__, '| lightning', lightning.__version__)"
+	touch $@
+
+setup: $(STAMP) ## create .venv (idempotent) and install isa4d with its test extras; torch pinned first
+
+test: setup ## run the default test suite (CPU; gpu/multigpu/slow tests are skipped)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-all: setup ## run every test the hardware allows, slow ones included
+	$(PY) -m pytest -m "not gpu and not multigpu" $(PYTEST_ARGS)
+
+toy-body: setup ## write the procedural SMPL-format toy body to data/body/smpl/
+	$(PY) -m data_prep.make_toy_body --out data/body
+
+data: setup ## generate the toy 4D world shards into $(DATA) (PRESET=tiny|default|large)
+	$(PY) -m data_prep.toy_world --out $(DATA) --preset $(PRESET) --body-dir data/body
+
+inspect: setup ## validate shards against the contract: make inspect URLS='data/toy/train-*.tar'
+	$(ISA4D) data inspect $(or $(URLS),$(wildcard $(DATA)/*.tar))
+
+demo: data ## the main job on the toy data: generate, validate, stream batches (grows with each stage)
+	$(ISA4D) data inspect $(wildcard $(DATA)/*.tar)
+	$(PY) bench/bench_data.py --urls "$(DATA)/train-*.tar" --size 64 64 --frames 17 --seconds 10 --no-record
+
+bench: bench-data ## every benchmark that runs here
+
+bench-data: setup ## loader clips/s per worker for 256x256x33 h264 clips; appends to docs/benchmarks.md
+	$(PY) bench/bench_data.py
+
+clean: ## remove generated data, logs and caches (keeps .venv)
+	rm -rf data runs lightning_logs .pytest_cache

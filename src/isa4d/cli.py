@@ -1,0 +1,60 @@
+"""The `isa4d` command: LightningCLI for both training stages, plus `isa4d data ...` tools.
+
+    isa4d fit -c configs/vae/tiny.yaml [-c more.yaml] [--key value ...]
+    isa4d data inspect 'data/toy/train-{000000..000003}.tar'
+
+Configs are YAML with class_path/init_args. `parser_mode="omegaconf+"` resolves `${...}` interpolation after all
+`-c` files and overrides are merged, so a later override flows into earlier interpolations; under a subcommand use
+relative keys (e.g. `${..data.init_args.buckets}`).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import lightning as L
+from lightning.pytorch.cli import LightningCLI
+
+from isa4d.training.callbacks import LoaderHealthLogger
+
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+class ISA4DCLI(LightningCLI):
+    """LightningCLI with the project's defaults; models and datamodules come from the config's class_path."""
+
+
+def run_cli(args: list[str] | None = None, run: bool = True) -> ISA4DCLI:
+    mode = {"parser_mode": "omegaconf+"}
+    return ISA4DCLI(
+        L.LightningModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        parser_kwargs={**mode, **{c: dict(mode) for c in SUBCOMMANDS}},
+        trainer_defaults={"callbacks": [LoaderHealthLogger()]},
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["data"]:
+        return _data(args[1:])
+    run_cli(argv)  # None: LightningCLI reads sys.argv itself
+    return 0
+
+
+def _data(argv: list[str]) -> int:
+    if argv[:1] == ["inspect"]:
+        from isa4d.data.inspect import main as inspect_main
+
+        return inspect_main(argv[1:])
+    print("usage: isa4d data inspect URLS [--decode] [--json PATH]", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""LightningModules and callbacks: the glue between model code, data and the trainer."""

@@ -1,0 +1,25 @@
+"""Callbacks that are not part of any one model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+
+
+class LoaderHealthLogger(L.Callback):
+    """Logs the loader's health (`data/seen`, `data/skipped`, `data/skipped/<reason>`, `data/skipped_fraction`,
+    `data/shard_errors`) from the datamodule's LoaderHealth, summed over ranks, every `log_every_n_steps`."""
+
+    def _log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        health = getattr(trainer.datamodule, "health", None)
+        if health is None or not health.workers:
+            return
+        summary = health.summary()
+        fraction = summary.pop("data/skipped_fraction")
+        pl_module.log_dict(summary, reduce_fx="sum", sync_dist=trainer.world_size > 1, on_step=True, on_epoch=False)
+        pl_module.log("data/skipped_fraction", fraction, sync_dist=trainer.world_size > 1, on_step=True, on_epoch=False)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if (trainer.global_step % max(trainer.log_every_n_steps, 1)) == 0:
+            self._log(trainer, pl_module)
