@@ -25,13 +25,6 @@ J = {n: i for i, n in enumerate(JOINT_NAMES)}
 
 
 @pytest.fixture(scope="module")
-def toy_body_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("toy_body")
-    write_toy_body(out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def data(toy_body_dir):
     return load_model_data(toy_body_dir, "neutral")
 

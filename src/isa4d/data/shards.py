@@ -47,11 +47,16 @@ def open_url(url: str):
 def iter_samples(urls: Sequence[str], on_shard_error: Callable[[str, Exception], None]) -> Iterator[dict[str, Any]]:
     """Raw samples (dicts of bytes with __key__ and __url__) from the shards in order.
 
-    A shard that cannot be opened or is corrupt part-way is reported to `on_shard_error` and the stream goes on
-    with the next one; samples read before the fault are kept.
+    A shard that cannot be opened, is corrupt part-way or holds no samples is reported to `on_shard_error`
+    and the stream goes on with the next one. Samples read completely before the fault are kept; the one being
+    read when it struck is dropped, since it may lack files. An empty shard counts as a fault, so an endless
+    resampled stream over empty shards ends at the caller's shard-error limit instead of spinning.
     """
     for url in urls:
-        def handler(exn: Exception, url: str = url) -> bool:
+        errors: list[Exception] = []
+
+        def handler(exn: Exception, url: str = url, errors: list[Exception] = errors) -> bool:
+            errors.append(exn)
             on_shard_error(url, exn)
             return False  # stop this shard, continue with the next
 
@@ -60,13 +65,30 @@ def iter_samples(urls: Sequence[str], on_shard_error: Callable[[str, Exception],
         except Exception as e:
             on_shard_error(url, e)
             continue
+        pending, count, finished = None, 0, False
         try:
             files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=handler)
-            yield from wds.tariterators.group_by_keys(files, handler=handler)
+            for sample in wds.tariterators.group_by_keys(files, handler=handler):
+                if pending is not None:
+                    yield pending
+                pending, count = sample, count + 1
+            finished = True
         except Exception as e:  # errors the handlers do not see (e.g. a tar header that fails to parse)
+            errors.append(e)
             on_shard_error(url, e)
         finally:
-            stream.close()
+            try:
+                stream.close()  # a `pipe:` stream raises here when its command failed
+            except Exception as e:
+                if finished and not errors:
+                    errors.append(e)
+                    on_shard_error(url, e)
+        if errors:
+            continue
+        if pending is not None:
+            yield pending
+        elif count == 0:
+            on_shard_error(url, ValueError("shard holds no samples"))
 
 
 def split_for_worker(urls: list[str], rank: int, world_size: int, worker: int, num_workers: int) -> tuple[list[str], Callable[[int], bool]]:

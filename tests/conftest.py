@@ -1,0 +1,142 @@
+"""Shared fixtures: global-state hygiene, the toy SMPL body, marker-world shards."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data_prep.make_toy_body import write_toy_body
+from data_prep.synthetic_shards import make_clip, write_shards
+from isa4d.data.contract import CameraSequence, ParsedSample, SMPLSequence, encode_sample, parse_sample
+from isa4d.data.shards import iter_samples
+from isa4d.data.video import encode_video
+
+# Frame sizes of the session's marker clips: landscape, portrait and square, for buckets of every aspect.
+MARKER_SIZES = ((64, 96), (96, 64), (80, 80))
+
+
+@pytest.fixture(autouse=True)
+def _restore_global_state():
+    """Restore torch's default dtype and every RNG, and tear down a process group a test left behind."""
+    dtype = torch.get_default_dtype()
+    torch_rng, np_rng, py_rng = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    yield
+    torch.set_default_dtype(dtype)
+    torch.set_rng_state(torch_rng)
+    np.random.set_state(np_rng)
+    random.setstate(py_rng)
+    if cuda_rng is not None:
+        torch.cuda.set_rng_state_all(cuda_rng)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="session")
+def toy_body_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("toy_body")
+    write_toy_body(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def marker_shards(tmp_path_factory) -> list[str]:
+    """2 shards x 4 marker clips: MARKER_SIZES, 24-40 frames, 1-3 people, fps 24/25/30, with bg and mask."""
+    return write_shards(tmp_path_factory.mktemp("markers"), shards=2, per_shard=4, seed=0, sizes=MARKER_SIZES,
+                        frames=(24, 40))
+
+
+@pytest.fixture(scope="session")
+def marker_samples(marker_shards) -> dict[str, ParsedSample]:
+    """The session's marker clips, parsed, by key (in shard order)."""
+    def fail(url, exn):
+        raise exn
+
+    return {s.key: s for s in map(parse_sample, iter_samples(marker_shards, fail))}
+
+
+# --------------------------------------------------------------------------------- good and defective samples
+
+GOOD_META = {"fps": 25.0, "gender": "female"}
+
+
+def _arrays_sample(key: str, clip: dict, video: bytes, *, smpl=None, cam=None, meta=None, **kw) -> dict:
+    return encode_sample(key, video, smpl or clip["smpl"], cam or clip["cam"], meta or GOOD_META, **kw)
+
+
+@pytest.fixture(scope="session")
+def small_clips() -> list[dict]:
+    """Three small marker clips (48x64, 24 frames, 1-2 people, textured) with their encoded video bytes."""
+    rng = np.random.default_rng(7)
+    clips = []
+    for people in (1, 2, 2):
+        clip = make_clip(rng, 48, 64, 24, people, GOOD_META["fps"])
+        clip["mp4"] = encode_video(clip["video"], GOOD_META["fps"])
+        clips.append(clip)
+    return clips
+
+
+@pytest.fixture(scope="session")
+def good_samples(small_clips) -> list[dict]:
+    """Seven contract-valid samples, keys good_0 .. good_6."""
+    return [_arrays_sample(f"good_{i}", c, c["mp4"]) for i, c in enumerate(small_clips * 3)][:7]
+
+
+@pytest.fixture(scope="session")
+def defective_samples(small_clips) -> list[tuple[str, dict]]:
+    """(reason the loader must give, sample) for each kind of defect; each sample's key names the defect.
+
+    All but `too_short` fail `parse_sample`; that one parses but has 10 frames, fewer than a window of 8 at
+    stride 2 needs (15).
+    """
+    clip = small_clips[1]
+    smpl, cam, F = clip["smpl"], clip["cam"], clip["video"].shape[0]
+    rng = np.random.default_rng(8)
+
+    def sample(key, **kw):
+        return _arrays_sample(key, clip, clip["mp4"], **kw)
+
+    out = []
+    s = sample("bad_undecodable")
+    s["mp4"] = b"\x00\x00\x00\x18ftypisom" + rng.bytes(2000)
+    out.append(("undecodable", s))
+    s = sample("bad_nocam")
+    del s["cam.npz"]
+    out.append(("missing_key", s))
+    s = sample("bad_npz")
+    s["smpl.npz"] = b"PK\x03\x04" + rng.bytes(100)
+    out.append(("malformed", s))
+    s = sample("bad_json")
+    s["json"] = b'{"fps": 25.0, "gender": '
+    out.append(("malformed", s))
+    short = np.arange(F - 2)
+    out.append(("frame_mismatch", sample("bad_framecount", smpl=smpl.take(short), cam=cam.take(short))))
+    pose = smpl.body_pose.copy()
+    pose[0, 5, 7] = np.nan
+    nan_smpl = SMPLSequence(smpl.betas, smpl.global_orient, pose, smpl.transl)
+    out.append(("nonfinite", sample("bad_nanpose", smpl=nan_smpl)))
+    K = cam.K.copy()
+    K[3, 0, 2] = np.inf
+    out.append(("nonfinite", sample("bad_infcam", cam=CameraSequence(K, cam.w2c))))
+    w2c = cam.w2c.copy()
+    w2c[4, :3, :3] *= 1.2
+    out.append(("bad_camera", sample("bad_nonrigid", cam=CameraSequence(cam.K, w2c))))
+    out.append(("bad_value", sample("bad_gender", meta={"fps": 25.0, "gender": "robot"})))
+    tiny = make_clip(rng, 48, 64, 10, 1, 25.0)
+    out.append(("too_short", _arrays_sample("bad_tooshort", tiny, encode_video(tiny["video"], 25.0))))
+    out.append(("frame_mismatch", sample("bad_bgsize", bg=np.zeros((F, 32, 48, 3), np.uint8))))
+    return out
+
+
+def pytest_collection_modifyitems(config, items):
+    """gpu / multigpu tests are skipped, not failed, where the hardware is absent (CI has no GPU)."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for item in items:
+        if "gpu" in item.keywords and gpus < 1:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+        if "multigpu" in item.keywords and gpus < 2:
+            item.add_marker(pytest.mark.skip(reason="needs 2 or more CUDA GPUs"))
