@@ -10,8 +10,12 @@ STAMP  := $(VENV)/.isa4d-installed
 DATA   ?= data/toy
 PRESET ?= default
 PYTEST_ARGS ?=
+VAE     ?= tiny
+DATA_CFG ?= toy
+TRAINER ?= cpu_debug
+ARGS    ?=
 
-.PHONY: help setup test test-all demo data toy-body inspect bench bench-data clean
+.PHONY: help setup test test-all demo data toy-body inspect train-vae bench bench-data clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -35,15 +39,27 @@ test-all: setup ## run every test the hardware allows, slow ones included
 toy-body: setup ## write the procedural SMPL-format toy body to data/body/smpl/
 	$(PY) -m data_prep.make_toy_body --out data/body
 
-data: setup ## generate the toy 4D world shards into $(DATA) (PRESET=tiny|default|large)
+data: setup $(DATA)/README.json ## generate the toy 4D world shards into $(DATA) once (PRESET=tiny|default|large)
+
+$(DATA)/README.json:
 	$(PY) -m data_prep.toy_world --out $(DATA) --preset $(PRESET) --body-dir data/body
 
 inspect: setup ## validate shards against the contract: make inspect URLS='data/toy/train-*.tar'
-	$(ISA4D) data inspect $(or $(URLS),$(wildcard $(DATA)/*.tar))
+	$(ISA4D) data inspect $(or $(URLS),'$(DATA)/*.tar')
 
-demo: data ## the main job on the toy data: generate, validate, stream batches (grows with each stage)
-	$(ISA4D) data inspect $(wildcard $(DATA)/*.tar)
+DEMO_STEPS ?= 60
+
+demo: data ## the main job on the toy data: generate, validate, stream batches, train the tiny VAE (grows with each stage)
+	$(ISA4D) data inspect '$(DATA)/*.tar'
 	$(PY) bench/bench_data.py --urls "$(DATA)/train-*.tar" --size 64 64 --frames 17 --seconds 10 --no-record
+	$(ISA4D) fit -c configs/vae/tiny.yaml -c configs/data/toy.yaml -c configs/trainer/cpu_debug.yaml \
+	  --data.init_args.train_urls='$(DATA)/train-*.tar' --data.init_args.val_urls='$(DATA)/val-*.tar' \
+	  --trainer.max_steps=$(DEMO_STEPS) --trainer.val_check_interval=$(DEMO_STEPS) --trainer.limit_val_batches=4 \
+	  --trainer.default_root_dir=runs/demo_vae --trainer.logger.init_args.name=demo_vae
+	@echo "demo done: TensorBoard logs in runs/demo_vae (tensorboard --logdir runs)"
+
+train-vae: setup ## stage 1: isa4d fit with configs/vae/$(VAE).yaml, configs/data/$(DATA_CFG).yaml, configs/trainer/$(TRAINER).yaml $(ARGS)
+	$(ISA4D) fit -c configs/vae/$(VAE).yaml -c configs/data/$(DATA_CFG).yaml -c configs/trainer/$(TRAINER).yaml $(ARGS)
 
 bench: bench-data ## every benchmark that runs here
 

@@ -346,6 +346,9 @@ def encode_video(
         stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
         cc = stream.codec_context
         cc.gop_size = gop
+        # One encoder thread: x264's threaded lookahead made output differ between runs of the same frames (seen
+        # generating the toy world in parallel processes); data generation parallelises over clips instead.
+        cc.thread_count = 1
         if codec == "libx264":
             # gop_size becomes x264's keyint; scene cuts may add keyframes, which only makes seeks cheaper.
             stream.options = {"crf": str(crf), "preset": preset}
