@@ -1,0 +1,32 @@
+"""Stage 1 of isa4d: the causal 3D-convolution video VAE with the image-decoding regulariser (paper §4)."""
+
+from isa4d.models.vae.autoencoder import (
+    CausalVideoVAE,
+    Decoder,
+    DiagonalGaussian,
+    Encoder,
+    estimate_latent_stats,
+)
+from isa4d.models.vae.blocks import Downsample, FrameGroupNorm, ResnetBlock3D, SpatialAttention, Upsample
+from isa4d.models.vae.causal_conv import CausalConv3d, reset_cache, streaming
+from isa4d.models.vae.image_decoder import ImageDecoder
+from isa4d.models.vae.tiling import run_chunked, run_tiled
+
+__all__ = [
+    "CausalConv3d",
+    "CausalVideoVAE",
+    "Decoder",
+    "DiagonalGaussian",
+    "Downsample",
+    "Encoder",
+    "FrameGroupNorm",
+    "ImageDecoder",
+    "ResnetBlock3D",
+    "SpatialAttention",
+    "Upsample",
+    "estimate_latent_stats",
+    "reset_cache",
+    "run_chunked",
+    "run_tiled",
+    "streaming",
+]

@@ -1,0 +1,126 @@
+"""Building blocks of the causal video VAE: the SD3 VAE's blocks inflated to causal 3D (paper §4).
+
+Every normalisation is per frame (statistics over channel groups and space, never over time) and the attention
+is spatial, within each frame. Both are what make the network causal and chunked coding exact: a norm pooling
+over time would let later frames change earlier outputs. Module names follow the SD VAE checkpoint keys
+(norm1, conv1, nin_shortcut, q/k/v/proj_out, conv) so 2D weights can be inflated into them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from isa4d.models.vae.causal_conv import CausalConv3d
+
+
+def group_norm_fp32_stats(x: Tensor, norm: nn.GroupNorm) -> Tensor:
+    """`norm` on x (n, c, ...) in x's dtype, with statistics accumulated in fp32.
+
+    PyTorch's group_norm kernels (CPU and CUDA) accumulate mean and variance of bf16/fp16 inputs in fp32, so
+    calling them on the bf16 tensor keeps the precision that matters without materialising an fp32 copy of
+    the activation; autocast is turned off here only because its policy would upcast the whole output to
+    fp32. This halves the training memory of an explicit `.float()` norm (52 -> 25 GB for a bf16 step of
+    the default model on a 1 x 17 x 256 x 256 clip, H100) at equal accuracy.
+    """
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        weight = None if norm.weight is None else norm.weight.to(x.dtype)
+        bias = None if norm.bias is None else norm.bias.to(x.dtype)
+        return F.group_norm(x, norm.num_groups, weight, bias, norm.eps)
+
+
+class FrameGroupNorm(nn.GroupNorm):
+    """GroupNorm of a video (b, c, t, h, w) applied to each frame independently (statistics in fp32)."""
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (b, c, t, h, w)
+        frames = rearrange(x, "b c t h w -> (b t) c h w")
+        return rearrange(group_norm_fp32_stats(frames, self), "(b t) c h w -> b c t h w", b=x.shape[0])
+
+
+def frame_norm(channels: int, groups: int) -> FrameGroupNorm:
+    if channels % groups:
+        raise ValueError(f"norm_groups={groups} must divide every channel width, not {channels}")
+    return FrameGroupNorm(groups, channels, eps=1e-6, affine=True)
+
+
+class ResnetBlock3D(nn.Module):
+    """SD's ResnetBlock with causal 3x3x3 convs: norm, SiLU, conv, norm, SiLU, dropout, conv, + shortcut."""
+
+    def __init__(self, in_channels: int, out_channels: int, norm_groups: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = frame_norm(in_channels, norm_groups)
+        self.conv1 = CausalConv3d(in_channels, out_channels, 3)
+        self.norm2 = frame_norm(out_channels, norm_groups)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = CausalConv3d(out_channels, out_channels, 3)
+        # A 1x1x1 conv mixes no frames, so it needs no causal padding.
+        self.nin_shortcut = (nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels
+                             else nn.Identity())
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (b, c, t, h, w)
+        h = self.conv1(F.silu(self.norm1(x)))  # (b, c', t, h, w)
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))  # (b, c', t, h, w)
+        return self.nin_shortcut(x) + h
+
+
+class SpatialAttention(nn.Module):
+    """SD's single-head mid-block self-attention, over the h*w tokens of each frame separately."""
+
+    def __init__(self, channels: int, norm_groups: int) -> None:
+        super().__init__()
+        self.norm = frame_norm(channels, norm_groups)
+        self.q = nn.Linear(channels, channels)
+        self.k = nn.Linear(channels, channels)
+        self.v = nn.Linear(channels, channels)
+        self.proj_out = nn.Linear(channels, channels)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (b, c, t, h, w)
+        b, _, t, h, w = x.shape
+        tokens = rearrange(self.norm(x), "b c t h w -> (b t) 1 (h w) c")  # one head
+        q, k, v = self.q(tokens), self.k(tokens), self.v(tokens)  # ((b t), 1, n, c)
+        out = F.scaled_dot_product_attention(q, k, v)  # ((b t), 1, n, c)
+        out = rearrange(self.proj_out(out), "(b t) 1 (h w) c -> b c t h w", b=b, t=t, h=h, w=w)
+        return x + out
+
+
+class Downsample(nn.Module):
+    """Spatial x2 (and, if `temporal`, causal temporal x2) downsampling by one strided causal conv.
+
+    Space: SD's asymmetric (0, 1, 0, 1) pad + stride 2. Time: stride 2 over the replicate-padded sequence, so
+    frame 0 alone gives output 0 and frames (2j - 1, 2j) give output j (with earlier frames as context).
+    """
+
+    def __init__(self, channels: int, temporal: bool) -> None:
+        super().__init__()
+        self.temporal = temporal
+        stride = (2 if temporal else 1, 2, 2)
+        self.conv = CausalConv3d(channels, channels, 3, stride=stride, spatial_padding=(0, 1, 0, 1))
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (b, c, t, h, w)
+        return self.conv(x)  # (b, c, 1 + (t - 1) / 2 if temporal else t, h / 2, w / 2)
+
+
+class Upsample(nn.Module):
+    """Nearest x2 in space, then a causal conv; with `temporal`, it emits 2c channels that become 2 frames.
+
+    Depth-to-time inverts Downsample: each latent frame gives 2 frames except the clip's first, which gives 1
+    (the earlier of its pair is dropped), so 1 + (t - 1) frames become 1 + 2 (t - 1).
+    """
+
+    def __init__(self, channels: int, temporal: bool) -> None:
+        super().__init__()
+        self.temporal = temporal
+        self.factor = 2 if temporal else 1
+        self.conv = CausalConv3d(channels, channels * self.factor, 3)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (b, c, t, h, w)
+        starts_clip = not self.conv.continuing  # read before the conv call fills its cache
+        x = F.interpolate(x.contiguous(), scale_factor=(1.0, 2.0, 2.0), mode="nearest")  # (b, c, t, 2h, 2w)
+        x = self.conv(x)  # (b, r c, t, 2h, 2w)
+        if self.temporal:
+            x = rearrange(x, "b (r c) t h w -> b c (t r) h w", r=self.factor)  # (b, c, r t, 2h, 2w)
+            if starts_clip:
+                x = x[:, :, self.factor - 1:]  # (b, c, 1 + r (t - 1), 2h, 2w)
+        return x

@@ -1,0 +1,160 @@
+"""Stage 1 training: the causal video VAE with L1, LPIPS, KL, image-decoding regularisation and 2D + 3D GAN losses.
+
+Two optimisers (VAE, discriminators), so optimisation is manual: one generator step, then, once the GAN is on, one
+discriminator step on the same batch. The adversarial weight is adaptive (reconstruction vs GAN gradient norms at the
+decoder's last layer). Latent statistics for stage 2 are pooled over each validation pass and stored in the VAE's
+buffers, so every checkpoint carries them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+from einops import rearrange
+from lightning.pytorch.cli import OptimizerCallable
+
+from isa4d.data.batch import Batch
+from isa4d.models.vae import CausalVideoVAE
+from isa4d.models.vae.discriminators import PatchDiscriminator2D, PatchDiscriminator3D
+from isa4d.models.vae.losses import adaptive_gan_weight, hinge_d_loss, hinge_g_loss
+from isa4d.models.vae.lpips import LPIPS, perceptual_video
+from isa4d.training.augment import structured_motion
+
+
+@dataclass
+class VAELossWeights:
+    """λ of each term (paper §4; values not given there, so SD/Cosmos-like defaults, docs/vae.md)."""
+
+    l1: float = 1.0
+    perceptual: float = 0.1
+    kl: float = 1e-6
+    image_reg: float = 1.0
+    gan_2d: float = 0.05
+    gan_3d: float = 0.05
+    gan_start_step: int = 2000
+    adaptive_gan: bool = True
+    perceptual_frames: int = 4  # LPIPS on this many random frames per clip
+
+
+class VAEModule(L.LightningModule):
+    def __init__(
+        self,
+        vae: CausalVideoVAE,
+        disc_2d: PatchDiscriminator2D | None = None,
+        disc_3d: PatchDiscriminator3D | None = None,
+        loss: VAELossWeights = VAELossWeights(),
+        optimizer: OptimizerCallable = lambda p: torch.optim.AdamW(p, lr=1e-4, betas=(0.5, 0.9), weight_decay=0.0),
+        disc_optimizer: OptimizerCallable = lambda p: torch.optim.AdamW(p, lr=1e-4, betas=(0.5, 0.9), weight_decay=0.0),
+        lpips_vgg_path: str | None = None,
+        lpips_lin_path: str | None = None,
+        motion_shift: float = 0.25,
+        motion_prob: float = 0.5,
+        gradient_clip: float = 1.0,
+    ):
+        super().__init__()
+        if (loss.gan_2d > 0 and disc_2d is None) or (loss.gan_3d > 0 and disc_3d is None):
+            raise ValueError("a GAN weight is > 0 but its discriminator is missing (disc_2d / disc_3d)")
+        if loss.image_reg > 0 and not vae.image_regularizer:
+            raise ValueError("loss.image_reg > 0 needs a VAE built with image_regularizer=True")
+        self.vae, self.disc_2d, self.disc_3d, self.w = vae, disc_2d, disc_3d, loss
+        # LPIPS weights come from local files only; with weight 0 they are not needed (the toy presets).
+        self.lpips = LPIPS(lpips_vgg_path, lpips_lin_path) if loss.perceptual > 0 else None
+        self.optimizer_fn, self.disc_optimizer_fn = optimizer, disc_optimizer
+        self.motion_shift, self.motion_prob, self.gradient_clip = motion_shift, motion_prob, gradient_clip
+        self.automatic_optimization = False
+        self._stats: list[torch.Tensor] = []
+
+    # ------------------------------------------------------------------------------------------------ losses
+
+    def _gan_on(self) -> bool:
+        return (self.w.gan_2d > 0 or self.w.gan_3d > 0) and self.global_step >= self.w.gan_start_step
+
+    def _reconstruction_losses(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        recon, posterior = self.vae(x)  # (B, 3, T, H, W)
+        logs = {"l1": (recon - x).abs().mean(), "kl": posterior.kl_mean().mean()}
+        rec = self.w.l1 * logs["l1"]
+        if self.lpips is not None:
+            logs["lpips"] = perceptual_video(self.lpips, recon, x, self.w.perceptual_frames)
+            rec = rec + self.w.perceptual * logs["lpips"]
+        total = rec + self.w.kl * logs["kl"]
+        if self.w.image_reg > 0:
+            frames, index = self.vae.decode_subframes(posterior.sample())
+            logs["image_reg"] = (frames - x[:, :, index]).abs().mean()
+            total = total + self.w.image_reg * logs["image_reg"]
+        if self._gan_on():
+            g = torch.zeros((), device=x.device)
+            if self.w.gan_2d > 0:
+                g = g + self.w.gan_2d * hinge_g_loss(self.disc_2d(recon))
+            if self.w.gan_3d > 0:
+                g = g + self.w.gan_3d * hinge_g_loss(self.disc_3d(recon))
+            last = self.vae.decoder.conv_out.weight  # the decoder's last layer
+            weight = adaptive_gan_weight(rec, g, last) if self.w.adaptive_gan else torch.ones((), device=x.device)
+            logs["gan_g"], logs["gan_weight"] = g, weight
+            total = total + weight * g
+        logs["loss"] = total
+        return total, logs, recon
+
+    def _disc_loss(self, x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+        real, fake = x.detach(), recon.detach()
+        d = torch.zeros((), device=x.device)
+        if self.w.gan_2d > 0:
+            d = d + hinge_d_loss(self.disc_2d(real), self.disc_2d(fake))
+        if self.w.gan_3d > 0:
+            d = d + hinge_d_loss(self.disc_3d(real), self.disc_3d(fake))
+        return d
+
+    # ------------------------------------------------------------------------------------------------- steps
+
+    def training_step(self, batch: Batch, batch_idx: int) -> None:
+        opt_g, opt_d = self.optimizers()
+        x = rearrange(batch.video, "b t c h w -> b c t h w")
+        x = structured_motion(x, self.motion_shift, self.motion_prob)
+        total, logs, recon = self._reconstruction_losses(x)
+        opt_g.zero_grad(set_to_none=True)
+        self.manual_backward(total)
+        self.clip_gradients(opt_g, gradient_clip_val=self.gradient_clip, gradient_clip_algorithm="norm")
+        opt_g.step()
+        if self._gan_on():
+            d = self._disc_loss(x, recon)
+            opt_d.zero_grad(set_to_none=True)
+            self.manual_backward(d)
+            self.clip_gradients(opt_d, gradient_clip_val=self.gradient_clip, gradient_clip_algorithm="norm")
+            # The raw optimizer: Lightning counts every wrapped step in global_step, and global_step must count
+            # generator steps only (gan_start_step, the loader's bucket schedule and resume all key on it).
+            opt_d.optimizer.step()
+            logs["gan_d"] = d
+        loss = logs.pop("loss")
+        self.log_dict({f"train/{k}": v.detach() for k, v in logs.items()}, batch_size=len(batch))
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(batch))
+
+    @torch.no_grad()
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        x = rearrange(batch.video, "b t c h w -> b c t h w")
+        posterior = self.vae.encode(x)
+        z = posterior.mode()
+        recon = self.vae.decode(z).clamp(-1, 1)
+        mse = ((recon - x) ** 2).mean(dim=(1, 2, 3, 4))
+        psnr = 10 * torch.log10(4.0 / mse.clamp_min(1e-10))  # peak-to-peak 2 for [-1, 1]
+        self.log_dict({"val/l1": (recon - x).abs().mean(), "val/psnr": psnr.mean()}, sync_dist=True, batch_size=len(batch))
+        z = rearrange(z.double(), "b c n h w -> c (b n h w)")
+        self._stats.append(torch.stack([z.sum(1), z.pow(2).sum(1), torch.full_like(z[:, 0], z.shape[1])]))
+
+    def on_validation_epoch_end(self) -> None:
+        """Per-channel latent mean/std over the validation pass (summed over ranks) -> the VAE's buffers."""
+        if not self._stats:
+            return
+        s = torch.stack(self._stats).sum(0)  # (3, c)
+        self._stats.clear()
+        if self.trainer.world_size > 1:
+            s = self.trainer.strategy.reduce(s, reduce_op="sum")
+        mean = s[0] / s[2]
+        std = (s[1] / s[2] - mean ** 2).clamp_min(1e-12).sqrt()
+        self.vae.set_latent_stats(mean.float(), std.float())
+        self.log_dict({"val/latent_std_mean": std.mean().float(), "val/latent_mean_abs": mean.abs().mean().float()}, sync_dist=False)
+
+    def configure_optimizers(self):
+        discs = [m for m in (self.disc_2d, self.disc_3d) if m is not None]
+        disc_params = [p for m in discs for p in m.parameters()] or [torch.nn.Parameter(torch.zeros(1))]
+        return self.optimizer_fn(self.vae.parameters()), self.disc_optimizer_fn(disc_params)
