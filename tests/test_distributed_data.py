@@ -31,7 +31,8 @@ def test_two_ranks_split_validation_and_share_bucket_schedule(tmp_path):
         "--trainer.limit_val_batches=null", f"--trainer.default_root_dir={tmp_path}",
         f"--trainer.logger.init_args.save_dir={tmp_path}/runs",
     ]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "src"), str(ROOT / "tests")])}
+    path = [str(ROOT), str(ROOT / "src"), str(ROOT / "tests"), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-4000:]
     r0, r1 = (json.loads((rec / f"rank{r}.json").read_text()) for r in (0, 1))

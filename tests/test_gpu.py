@@ -18,7 +18,16 @@ def _tiny_vae():
                           image_decoder_channels=(16, 16))
 
 
-def test_vae_chunked_equals_unchunked_on_cuda():
+@pytest.fixture
+def no_tf32():
+    """Exact fp32 on the GPU: TF32 convolutions round differently for different chunk shapes."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_vae_chunked_equals_unchunked_on_cuda(no_tf32):
     torch.manual_seed(0)
     vae = _tiny_vae().cuda().eval()
     x = torch.rand(1, 3, 17, 64, 64, device="cuda") * 2 - 1
