@@ -12,7 +12,8 @@ PRESET ?= default
 PYTEST_ARGS ?=
 VAE     ?= tiny
 DATA_CFG ?= toy
-TRAINER ?= cpu_debug
+TRAINER ?= cpu
+RUN_DIR ?= runs/vae_$(VAE)
 ARGS    ?=
 
 .PHONY: help setup test test-all demo data toy-body inspect train-vae bench bench-data clean
@@ -52,14 +53,17 @@ DEMO_STEPS ?= 60
 demo: data ## the main job on the toy data: generate, validate, stream batches, train the tiny VAE (grows with each stage)
 	$(ISA4D) data inspect '$(DATA)/*.tar'
 	$(PY) bench/bench_data.py --urls "$(DATA)/train-*.tar" --size 64 64 --frames 17 --seconds 10 --no-record
-	$(ISA4D) fit -c configs/vae/tiny.yaml -c configs/data/toy.yaml -c configs/trainer/cpu_debug.yaml \
+	$(ISA4D) fit -c configs/vae/tiny.yaml -c configs/data/toy.yaml -c configs/trainer/cpu.yaml \
 	  --data.init_args.train_urls='$(DATA)/train-*.tar' --data.init_args.val_urls='$(DATA)/val-*.tar' \
 	  --trainer.max_steps=$(DEMO_STEPS) --trainer.val_check_interval=$(DEMO_STEPS) --trainer.limit_val_batches=4 \
-	  --trainer.default_root_dir=runs/demo_vae --trainer.logger.init_args.name=demo_vae
-	@echo "demo done: TensorBoard logs in runs/demo_vae (tensorboard --logdir runs)"
+	  --trainer.default_root_dir=runs/demo --trainer.logger.init_args.save_dir=runs/demo
+	@echo "demo done: TensorBoard logs and reconstructions in runs/demo (tensorboard --logdir runs/demo)"
 
-train-vae: setup ## stage 1: isa4d fit with configs/vae/$(VAE).yaml, configs/data/$(DATA_CFG).yaml, configs/trainer/$(TRAINER).yaml $(ARGS)
-	$(ISA4D) fit -c configs/vae/$(VAE).yaml -c configs/data/$(DATA_CFG).yaml -c configs/trainer/$(TRAINER).yaml $(ARGS)
+train-vae: setup $(if $(filter toy,$(DATA_CFG)),data) ## stage 1: isa4d fit, configs/vae/$(VAE).yaml + data/$(DATA_CFG) + trainer/$(TRAINER); checkpoint $(RUN_DIR)/checkpoints/last.ckpt
+	$(ISA4D) fit -c configs/vae/$(VAE).yaml -c configs/data/$(DATA_CFG).yaml -c configs/trainer/$(TRAINER).yaml \
+	  --trainer.default_root_dir=$(RUN_DIR) --trainer.logger.init_args.save_dir=$(RUN_DIR) \
+	  --trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint \
+	  --trainer.callbacks.dirpath=$(RUN_DIR)/checkpoints --trainer.callbacks.save_last=true $(ARGS)
 
 bench: bench-data ## every benchmark that runs here
 

@@ -235,7 +235,7 @@ def test_tiny_vae_overfits_one_clip():
         loss.backward()
         opt.step()
         losses.append(F.l1_loss(recon, clip).item())
-    assert losses[-1] < losses[0] / 3, (losses[0], losses[-1])
+    assert losses[-1] < losses[0] / 5, (losses[0], losses[-1])  # the issue asks for >= 5x; measured ~10x
 
 
 # ------------------------------------------------------------------------------------------ latent statistics

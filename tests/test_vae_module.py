@@ -82,3 +82,10 @@ def test_tiny_vae_config_fits_through_the_cli(tmp_path):
     ckpt = next(Path(tmp_path).rglob("*.ckpt"))
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
     assert not torch.allclose(state["vae.latent_std"], torch.ones(16))  # estimated from data, not the default
+    assert "val/ssim" in metrics
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next(Path(tmp_path).rglob("events.out.tfevents*")).parent), size_guidance={"images": 0})
+    events.Reload()
+    image = events.Images("val/reconstruction_0")[0]  # ground truth | reconstruction | error, as a GIF
+    assert image.encoded_image_string[:4] == b"GIF8" and image.width == 3 * 32

@@ -2,7 +2,7 @@
 
 Two optimisers (VAE, discriminators), so optimisation is manual: one generator step, then, once the GAN is on, one
 discriminator step on the same batch. The adversarial weight is adaptive (reconstruction vs GAN gradient norms at the
-decoder's last layer). Latent statistics for stage 2 are pooled over each validation pass and stored in the VAE's
+decoder's last layer). Validation logs L1, PSNR and SSIM and the first clips' reconstructions as videos. Latent statistics for stage 2 are pooled over each validation pass and stored in the VAE's
 buffers, so every checkpoint carries them.
 """
 
@@ -14,6 +14,7 @@ import lightning as L
 import torch
 from einops import rearrange
 from lightning.pytorch.cli import OptimizerCallable
+from torchmetrics.functional import structural_similarity_index_measure
 
 from isa4d.data.batch import Batch
 from isa4d.models.vae import CausalVideoVAE
@@ -21,6 +22,7 @@ from isa4d.models.vae.discriminators import PatchDiscriminator2D, PatchDiscrimin
 from isa4d.models.vae.losses import adaptive_gan_weight, hinge_d_loss, hinge_g_loss
 from isa4d.models.vae.lpips import LPIPS, perceptual_video
 from isa4d.training.augment import structured_motion
+from isa4d.training.video_logging import error_video, log_video, video_grid
 
 
 @dataclass
@@ -52,6 +54,7 @@ class VAEModule(L.LightningModule):
         motion_shift: float = 0.25,
         motion_prob: float = 0.5,
         gradient_clip: float = 1.0,
+        video_log_count: int = 2,
     ):
         super().__init__()
         if (loss.gan_2d > 0 and disc_2d is None) or (loss.gan_3d > 0 and disc_3d is None):
@@ -63,6 +66,7 @@ class VAEModule(L.LightningModule):
         self.lpips = LPIPS(lpips_vgg_path, lpips_lin_path) if loss.perceptual > 0 else None
         self.optimizer_fn, self.disc_optimizer_fn = optimizer, disc_optimizer
         self.motion_shift, self.motion_prob, self.gradient_clip = motion_shift, motion_prob, gradient_clip
+        self.video_log_count = video_log_count
         self.automatic_optimization = False
         self._stats: list[torch.Tensor] = []
 
@@ -137,9 +141,21 @@ class VAEModule(L.LightningModule):
         recon = self.vae.decode(z).clamp(-1, 1)
         mse = ((recon - x) ** 2).mean(dim=(1, 2, 3, 4))
         psnr = 10 * torch.log10(4.0 / mse.clamp_min(1e-10))  # peak-to-peak 2 for [-1, 1]
-        self.log_dict({"val/l1": (recon - x).abs().mean(), "val/psnr": psnr.mean()}, sync_dist=True, batch_size=len(batch))
+        frames = lambda v: rearrange(v.float(), "b c t h w -> (b t) c h w")  # noqa: E731
+        ssim = structural_similarity_index_measure(frames(recon), frames(x), data_range=2.0)
+        self.log_dict({"val/l1": (recon - x).abs().mean(), "val/psnr": psnr.mean(), "val/ssim": ssim},
+                      sync_dist=True, batch_size=len(batch))
+        if batch_idx == 0 and self.video_log_count > 0 and self.trainer.is_global_zero:
+            self._log_reconstructions(x[: self.video_log_count], recon[: self.video_log_count])
         z = rearrange(z.double(), "b c n h w -> c (b n h w)")
         self._stats.append(torch.stack([z.sum(1), z.pow(2).sum(1), torch.full_like(z[:, 0], z.shape[1])]))
+
+    def _log_reconstructions(self, x: torch.Tensor, recon: torch.Tensor) -> None:
+        """ground truth | reconstruction | error, one row per clip, as an animated GIF in TensorBoard."""
+        gt, rc = rearrange(x, "b c t h w -> b t c h w"), rearrange(recon, "b c t h w -> b t c h w")
+        for i in range(len(gt)):
+            grid = video_grid([gt[i], rc[i], error_video(gt[i], rc[i])])
+            log_video(self.logger, f"val/reconstruction_{i}", grid.cpu(), self.global_step)
 
     def on_validation_epoch_end(self) -> None:
         """Per-channel latent mean/std over the validation pass (summed over ranks) -> the VAE's buffers."""
