@@ -41,6 +41,42 @@ def timed(fn, device: torch.device, repeats: int) -> float:
     return statistics.median(times)
 
 
+def code_rates(encode, decode, x: torch.Tensor, device: torch.device, repeats: int) -> tuple[float, float, float]:
+    """(encode frames/s, decode frames/s, peak GiB) for callables encode(x) -> z and decode(z)."""
+    z = encode(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t_enc = timed(lambda: encode(x), device, repeats)
+    t_dec = timed(lambda: decode(z), device, repeats)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    n = x.shape[2]
+    return n / t_enc, n / t_dec, peak
+
+
+def compare_wan(a: argparse.Namespace, device: torch.device, dtype: torch.dtype, _: float) -> list[str]:
+    """Same run, same clip: isa4d's VAE against diffusers' AutoencoderKLWan (random weights, 4x8x8, 16 channels),
+    at each size in --wan-sizes. Both in bf16 autocast, batch 1, `--long-frames` frames; isa4d chunks by --chunk."""
+    from diffusers import AutoencoderKLWan
+
+    wan = AutoencoderKLWan(z_dim=16).to(device).eval()  # Wan2.1's defaults: base_dim 96, dim_mult (1, 2, 4, 4)
+    ours = build(a.preset).to(device).eval()
+    out = [f"- vs diffusers AutoencoderKLWan ({sum(p.numel() for p in wan.parameters()) / 1e6:.1f}M parameters), "
+           f"{a.long_frames} frames, batch 1:"]
+    for size in a.wan_sizes:
+        x = torch.rand(1, 3, a.long_frames, size, size, device=device) * 2 - 1
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
+            e1, d1, m1 = code_rates(lambda v: ours.encode(v, chunk_frames=a.chunk).mode(),
+                                    lambda z: ours.decode(z, chunk_frames=a.chunk), x, device, 2)
+            e2, d2, m2 = code_rates(lambda v: wan.encode(v).latent_dist.mode(), lambda z: wan.decode(z).sample, x, device, 2)
+        out.append(f"  - {size}²: isa4d encode {e1:.1f} / decode {d1:.1f} frames/s, peak {m1:.2f} GiB; "
+                   f"Wan encode {e2:.1f} / decode {d2:.1f} frames/s, peak {m2:.2f} GiB; "
+                   f"ratio encode {e1 / e2:.2f}x, decode {d1 / d2:.2f}x")
+        del x
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="tiny")
@@ -50,6 +86,8 @@ def main() -> None:
     ap.add_argument("--long-frames", type=int, default=121, help="clip length for the chunked encode/decode timing")
     ap.add_argument("--chunk", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--compare-wan", action="store_true", help="also time diffusers' AutoencoderKLWan (needs diffusers)")
+    ap.add_argument("--wan-sizes", type=int, nargs="+", default=[256, 512])
     ap.add_argument("--record", action="store_true", help="append the result to docs/benchmarks.md")
     a = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -86,6 +124,8 @@ def main() -> None:
         t_enc = timed(lambda: vae.encode(long, chunk_frames=a.chunk), device, max(2, a.repeats // 2))
         t_dec = timed(lambda: vae.decode(z, chunk_frames=a.chunk), device, max(2, a.repeats // 2))
     mem_code = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    if a.compare_wan:
+        lines_wan = compare_wan(a, device, dtype, mem_code)
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     lines = [
         f"- train step (fwd+bwd+AdamW, {a.batch}x{a.frames}x{a.size}x{a.size}, {str(dtype).split('.')[-1]}): "
@@ -93,11 +133,14 @@ def main() -> None:
         f"- encode {a.long_frames}x{a.size}x{a.size} in chunks of {a.chunk}: **{a.long_frames / t_enc:.1f} frames/s**; "
         f"decode: **{a.long_frames / t_dec:.1f} frames/s**; peak {mem_code:.2f} GiB",
     ]
+    if a.compare_wan:
+        lines += lines_wan
     print(f"VAE preset {a.preset} ({params:.1f}M parameters) on {name}")
     print("\n".join(lines))
     if a.record:
         cmd = "python bench/bench_vae.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if k != "record") + " --record"
+            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+            for k, v in vars(a).items() if k not in ("record", "compare_wan")) + (" --compare-wan" if a.compare_wan else "") + " --record"
         entry = "\n".join([
             f"\n### VAE `{a.preset}` ({params:.1f}M parameters), {name} ({datetime.date.today().isoformat()})",
             f"- torch {torch.__version__}; command: `{cmd}`", *lines, ""])
