@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from einops import rearrange
 from lightning.pytorch.cli import OptimizerCallable
-from torchmetrics.functional import structural_similarity_index_measure
+from torchmetrics.functional.image import structural_similarity_index_measure
 
 from isa4d.data.batch import Batch
 from isa4d.models.vae import CausalVideoVAE
