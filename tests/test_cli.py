@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml"))
 
 
-def _args(marker_shards, tmp_path, *extra):
-    shards = f"{marker_shards}/markers-*.tar"
+def _args(cli_shards, tmp_path, *extra):
+    shards = f"{cli_shards}/markers-*.tar"
     return [
         "-c", str(ROOT / "tests/configs/probe.yaml"),
         "-c", str(ROOT / "configs/data/toy.yaml"),
@@ -35,35 +35,35 @@ def test_configs_are_listed():
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.relative_to(ROOT).as_posix())
-def test_every_config_parses(config, marker_shards, tmp_path):
+def test_every_config_parses(config, cli_shards, tmp_path):
     """Each YAML under configs/ parses through the real CLI together with the probe model and the debug trainer."""
     extra = ["--model.init_args.loss.perceptual=0"] if "vae" in config.parts else []  # no LPIPS weights in CI
     trainer = (yaml.safe_load(config.read_text()) or {}).get("trainer") or {}
     if trainer.get("accelerator") == "gpu" and not torch.cuda.is_available():  # GPU configs parse; CPU stands in
         extra += ["--trainer.accelerator=cpu", "--trainer.precision=32-true"]
-    cli = run_cli([*_args(marker_shards, tmp_path), "-c", str(config), *extra], run=False)
+    cli = run_cli([*_args(cli_shards, tmp_path), "-c", str(config), *extra], run=False)
     assert cli.datamodule is not None and cli.trainer is not None
 
 
-def test_later_files_flow_into_earlier_interpolations(marker_shards, tmp_path):
+def test_later_files_flow_into_earlier_interpolations(cli_shards, tmp_path):
     """omegaconf+: the probe's num_frames interpolates the data's first bucket, and overriding that bucket in a later
     -c file or on the command line changes it (plain omegaconf would resolve the first file alone and fail)."""
-    cli = run_cli([*_args(marker_shards, tmp_path)], run=False)
+    cli = run_cli([*_args(cli_shards, tmp_path)], run=False)
     assert cli.model.num_frames == 17
     override = tmp_path / "short.yaml"
     override.write_text(yaml.safe_dump({"data": {"init_args": {"buckets": [
         {"height": 48, "width": 48, "num_frames": 5, "batch_size": 2}]}}}))
-    cli = run_cli([*_args(marker_shards, tmp_path), "-c", str(override)], run=False)
+    cli = run_cli([*_args(cli_shards, tmp_path), "-c", str(override)], run=False)
     assert cli.model.num_frames == 5
     buckets = '[{"height": 32, "width": 32, "num_frames": 7, "batch_size": 2}]'
-    cli = run_cli([*_args(marker_shards, tmp_path), f"--data.init_args.buckets={buckets}"], run=False)
+    cli = run_cli([*_args(cli_shards, tmp_path), f"--data.init_args.buckets={buckets}"], run=False)
     assert cli.model.num_frames == 7 and cli.datamodule.buckets[0].height == 32
 
 
-def test_fit_runs_through_the_cli_and_learns(marker_shards, tmp_path):
+def test_fit_runs_through_the_cli_and_learns(cli_shards, tmp_path):
     """A real fit through the CLI on marker shards: batches arrive normalised, loss falls, validation visits every
     clip, the resolved config is saved beside the logs, and the loader health is logged."""
-    cli = run_cli(["fit", *_args(marker_shards, tmp_path, "--trainer.max_steps=40", "--trainer.val_check_interval=40",
+    cli = run_cli(["fit", *_args(cli_shards, tmp_path, "--trainer.max_steps=40", "--trainer.val_check_interval=40",
                                  "--trainer.limit_val_batches=null", "--model.init_args.lr=0.5")])
     metrics = cli.trainer.logged_metrics
     assert cli.trainer.global_step == 40
@@ -78,8 +78,8 @@ def test_fit_runs_through_the_cli_and_learns(marker_shards, tmp_path):
     assert yaml.safe_load(saved[0].read_text())["model"]["init_args"]["num_frames"] == 17
 
 
-def test_console_script_data_inspect(marker_shards, tmp_path):
-    ok = subprocess.run([sys.executable, "-m", "isa4d.cli", "data", "inspect", f"{marker_shards}/markers-*.tar"],
+def test_console_script_data_inspect(cli_shards, tmp_path):
+    ok = subprocess.run([sys.executable, "-m", "isa4d.cli", "data", "inspect", f"{cli_shards}/markers-*.tar"],
                         capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert "valid: 8" in ok.stdout and "invalid: 0" in ok.stdout
@@ -92,7 +92,8 @@ def test_console_script_data_inspect(marker_shards, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def marker_shards(tmp_path_factory):
+def cli_shards(tmp_path_factory):
+    """Marker shards whose aspect ratios all fit the toy data config's 64x64 buckets."""
     from data_prep.synthetic_shards import write_shards
 
     out = tmp_path_factory.mktemp("cli_markers")

@@ -38,9 +38,9 @@ class Report:
         self.people[s.smpl.num_people] += 1
         self.codecs[s.info.codec] += 1
         self.frames.append(s.info.num_frames)
-        for k in OPTIONAL_KEYS:
-            if k in ("bg.mp4", "mask.mp4") and getattr(s, k.split(".")[0]) is not None or k.startswith("ref") and s.ref is not None and (k == "ref.png" or s.ref.K is not None):
-                self.optional[k] += 1
+        present = {"bg.mp4": s.bg is not None, "mask.mp4": s.mask is not None, "ref.png": s.ref is not None,
+                   "ref.npz": s.ref is not None and s.ref.K is not None}
+        self.optional.update(k for k in OPTIONAL_KEYS if present[k])
 
     def as_dict(self) -> dict:
         f = np.array(self.frames) if self.frames else np.zeros(1)
