@@ -14,9 +14,10 @@ VAE     ?= tiny
 DATA_CFG ?= toy
 TRAINER ?= cpu
 RUN_DIR ?= runs/vae_$(VAE)
+BENCH_VAE ?= base
 ARGS    ?=
 
-.PHONY: help setup test test-all demo data toy-body inspect train-vae bench bench-data clean
+.PHONY: help setup test test-all demo data toy-body inspect train-vae bench bench-data bench-vae clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -66,6 +67,10 @@ train-vae: setup $(if $(filter toy,$(DATA_CFG)),data) ## stage 1: isa4d fit, con
 	  --trainer.callbacks.dirpath=$(RUN_DIR)/checkpoints --trainer.callbacks.save_last=true $(ARGS)
 
 bench: bench-data ## every benchmark that runs here
+
+bench-vae: setup ## VAE step and coding throughput (GPU; BENCH_VAE=base), vs diffusers' Wan2.1 VAE if installed; appends to docs/benchmarks.md
+	$(PY) bench/bench_vae.py --preset $(BENCH_VAE) --size 256 --frames 17 --long-frames 33 --chunk 16 \
+	  $(shell $(PY) -c "import diffusers" 2>/dev/null && echo --compare-wan) --record
 
 bench-data: setup ## loader clips/s per worker for 256x256x33 h264 clips; appends to docs/benchmarks.md
 	$(PY) bench/bench_data.py
