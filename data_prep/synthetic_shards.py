@@ -16,32 +16,14 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 import webdataset as wds
 from PIL import Image
 
 from isa4d.data.contract import CameraSequence, SMPLSequence, encode_sample
-from isa4d.geometry.camera import intrinsics_from_fov
+from isa4d.geometry.camera import intrinsics_from_fov, look_at, project
 
 COLORS = np.array([[230, 40, 40], [40, 200, 60], [50, 80, 240]], dtype=np.uint8)
-
-
-def look_at(eye: np.ndarray, target: np.ndarray, up=(0.0, 1.0, 0.0)) -> np.ndarray:
-    """w2c (4,4) of an OpenCV camera (x right, y down, z forward) at `eye` looking at `target`, world y up."""
-    z = target - eye
-    z /= np.linalg.norm(z)
-    x = np.cross(z, np.asarray(up, dtype=np.float64))
-    x /= np.linalg.norm(x)
-    y = np.cross(z, x)
-    R = np.stack([x, y, z])
-    w2c = np.eye(4)
-    w2c[:3, :3], w2c[:3, 3] = R, -R @ eye
-    return w2c
-
-
-def project_np(points: np.ndarray, K: np.ndarray, w2c: np.ndarray) -> np.ndarray:
-    cam = points @ w2c[:3, :3].T + w2c[:3, 3]
-    pix = cam @ K.T
-    return np.concatenate([pix[:, :2] / pix[:, 2:3], cam[:, 2:3]], axis=1)
 
 
 def make_clip(rng: np.random.Generator, height: int, width: int, frames: int, people: int, fps: float, *,
@@ -75,7 +57,7 @@ def make_clip(rng: np.random.Generator, height: int, width: int, frames: int, pe
         off = int(32 + 24 * np.sin(t / 7))
         bg[t] = tex[off : off + height, off // 2 : off // 2 + width]
         frame = bg[t].copy()
-        uvz = np.stack([project_np(transl[p, t : t + 1], K[t], w2c[t])[0] for p in range(people)])
+        uvz = project(torch.from_numpy(transl[:, t]), torch.from_numpy(K[t]), torch.from_numpy(w2c[t])).numpy()  # (P, 3)
         for p in np.argsort(-uvz[:, 2]):  # far to near, so the nearer disc occludes
             u, v, z = uvz[p]
             r = max(3.0, 0.25 * K[t, 0, 0] / z)

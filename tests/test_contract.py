@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
 import pytest
 
 from isa4d.data.contract import (
-    REASONS, CameraSequence, SampleError, SMPLSequence, encode_sample, parse_sample,
+    REASONS, CameraSequence, SampleError, SMPLSequence, encode_sample, npz_bytes, parse_sample,
 )
 from isa4d.data.video import encode_video
-
-
-def _npz(**arrays) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -80,11 +73,11 @@ def _smpl_npz(clip, **override) -> bytes:
     s = clip["smpl"]
     arrays = dict(betas=s.betas, global_orient=s.global_orient, body_pose=s.body_pose, transl=s.transl)
     arrays.update(override)
-    return _npz(**{k: v for k, v in arrays.items() if v is not None})
+    return npz_bytes(**{k: v for k, v in arrays.items() if v is not None})
 
 
 def _cam_npz(clip, K=None, w2c=None) -> bytes:
-    return _npz(K=clip["cam"].K if K is None else K, w2c=clip["cam"].w2c if w2c is None else w2c)
+    return npz_bytes(K=clip["cam"].K if K is None else K, w2c=clip["cam"].w2c if w2c is None else w2c)
 
 
 def _edited(a: np.ndarray, index, value=None, factor=None) -> np.ndarray:
@@ -114,7 +107,7 @@ VIOLATIONS = {
                       lambda c: {"smpl.npz": _smpl_npz(c, betas=np.full((2, 10), "x"))}),
     "no_people": ("bad_shape", "no people", lambda c: {"smpl.npz": _smpl_npz(c, **NO_PEOPLE)}),
     "camera_frames": ("frame_mismatch", "cam.npz",
-                      lambda c: {"cam.npz": _npz(K=c["cam"].K[:-1], w2c=c["cam"].w2c[:-1])}),
+                      lambda c: {"cam.npz": npz_bytes(K=c["cam"].K[:-1], w2c=c["cam"].w2c[:-1])}),
     "negative_fx": ("bad_camera", "pinhole",
                     lambda c: {"cam.npz": _cam_npz(c, K=_edited(c["cam"].K, (ALL, 0, 0), factor=-1))}),
     "skewed_K": ("bad_camera", "pinhole",
@@ -134,7 +127,7 @@ def test_contract_violation(clip, name):
     _expect(s, reason, match)
 
 
-def _ref_npz(clip, people=2, **override):
+def _refnpz_bytes(clip, people=2, **override):
     smpl, cam = clip["smpl"], clip["cam"]
     arrays = dict(K=cam.K[0], w2c=cam.w2c[0], betas=smpl.betas[:people],
                   global_orient=smpl.global_orient[:people, :1], body_pose=smpl.body_pose[:people, :1],
@@ -145,14 +138,14 @@ def _ref_npz(clip, people=2, **override):
 
 def test_reference_view_is_parsed_and_checked(clip):
     png = b"\x89PNG not decoded by the parser"
-    p = parse_sample(_sample(clip, ref_png=png, ref_npz=_ref_npz(clip)))
+    p = parse_sample(_sample(clip, ref_png=png, ref_npz=_refnpz_bytes(clip)))
     assert p.ref.image == png and p.ref.smpl.num_frames == 1 and p.ref.smpl.num_people == 2
     np.testing.assert_array_equal(p.ref.K, clip["cam"].K[0])
     assert parse_sample(_sample(clip, ref_png=png)).ref.K is None
     w2c = _edited(clip["cam"].w2c[0], (slice(0, 3), slice(0, 3)), factor=2)
-    _expect(_sample(clip, ref_png=png, ref_npz=_ref_npz(clip, w2c=w2c)), "bad_camera", "ref.npz")
-    _expect(_sample(clip, ref_png=png, ref_npz=_ref_npz(clip, people=1)), "bad_shape", "people")
-    _expect(_sample(clip, ref_png=png, ref_npz=_ref_npz(clip, K=None)), "missing_key", "ref.npz")
+    _expect(_sample(clip, ref_png=png, ref_npz=_refnpz_bytes(clip, w2c=w2c)), "bad_camera", "ref.npz")
+    _expect(_sample(clip, ref_png=png, ref_npz=_refnpz_bytes(clip, people=1)), "bad_shape", "people")
+    _expect(_sample(clip, ref_png=png, ref_npz=_refnpz_bytes(clip, K=None)), "missing_key", "ref.npz")
 
 
 def test_keys_with_dots_and_unknown_reasons_are_refused(clip):

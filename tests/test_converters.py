@@ -17,7 +17,7 @@ from scipy.spatial.transform import Rotation
 
 from data_prep import convert_easymocap, convert_phalp
 from data_prep.converters_common import (PickleFormatError, load_pickle, rotmat_to_axis_angle, runs, split_run)
-from data_prep.synthetic_shards import look_at
+from isa4d.geometry.camera import look_at
 from isa4d.body.smpl import BodyModel
 from isa4d.data.contract import parse_sample
 from isa4d.data.shards import iter_samples

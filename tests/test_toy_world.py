@@ -15,7 +15,7 @@ from scipy.spatial.transform import Rotation
 from data_prep.make_toy_body import write_toy_body
 from data_prep.toy_world import __main__ as cli
 from data_prep.toy_world.appearance import make_identity
-from data_prep.synthetic_shards import look_at
+from isa4d.geometry.camera import look_at
 from data_prep.toy_world.cameras import CAMERA_KINDS, CameraPath, make_camera
 from data_prep.toy_world.motions import LIMITS, MOTIONS, body_pose_to_euler, ground, make_motion
 from data_prep.toy_world.scene import make_scene

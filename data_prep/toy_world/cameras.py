@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data_prep.synthetic_shards import look_at
+from isa4d.geometry.camera import look_at
 from data_prep.toy_world.scene import CAMERA_MAX_RADIUS
 from isa4d.geometry.camera import intrinsics_from_fov
 

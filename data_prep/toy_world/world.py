@@ -30,7 +30,7 @@ from data_prep.toy_world.motions import (
 )
 from data_prep.toy_world.scene import light_direction, make_scene
 from isa4d.body.smpl import BodyModel
-from isa4d.data.contract import CameraSequence, SMPLSequence, encode_sample
+from isa4d.data.contract import CameraSequence, SMPLSequence, encode_sample, npz_bytes
 from isa4d.render import Mesh, MeshRenderer
 
 SPLITS = {"train": 0, "val": 1}
@@ -187,12 +187,6 @@ def make_clip(ctx: WorldContext, preset: Preset, split: str, index: int, seed: i
                 ref=ref, ref_smpl=ref_smpl, ref_K=ref_cam.K[0], ref_w2c=ref_cam.w2c[0])
 
 
-def _npz(**arrays) -> bytes:
-    buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
-    return buf.getvalue()
-
-
 def encode_clip(clip: dict, key: str, crf: int = 20) -> dict:
     """The contract sample (bytes per key) of a clip from :func:`make_clip`."""
     png = io.BytesIO()
@@ -204,7 +198,7 @@ def encode_clip(clip: dict, key: str, crf: int = 20) -> dict:
         ref_npz=dict(K=clip["ref_K"].astype(np.float32), w2c=clip["ref_w2c"].astype(np.float32), betas=rs.betas,
                      global_orient=rs.global_orient, body_pose=rs.body_pose, transl=rs.transl),
     )
-    sample["parts.npz"] = _npz(parts=clip["parts"], instance=clip["instance"])
+    sample["parts.npz"] = npz_bytes(compressed=True, parts=clip["parts"], instance=clip["instance"])
     return sample
 
 

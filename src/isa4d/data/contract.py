@@ -109,7 +109,7 @@ class ParsedSample:
 # --------------------------------------------------------------------------------------------------- parsing
 
 
-def _load_npz(data: bytes, name: str, key: str) -> dict[str, np.ndarray]:
+def _loadnpz_bytes(data: bytes, name: str, key: str) -> dict[str, np.ndarray]:
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
@@ -133,7 +133,7 @@ def _array(arrays: Mapping[str, np.ndarray], name: str, field_name: str, shape: 
 
 
 def parse_smpl(data: bytes, key: str, name: str = "smpl.npz", num_frames: int | None = None) -> SMPLSequence:
-    z = _load_npz(data, name, key)
+    z = _loadnpz_bytes(data, name, key)
     betas = _array(z, name, "betas", (None, None), key)
     P = betas.shape[0]
     if P < 1:
@@ -148,7 +148,7 @@ def parse_smpl(data: bytes, key: str, name: str = "smpl.npz", num_frames: int | 
 
 
 def parse_cameras(data: bytes, key: str, num_frames: int) -> CameraSequence:
-    z = _load_npz(data, "cam.npz", key)
+    z = _loadnpz_bytes(data, "cam.npz", key)
     K = _array(z, "cam.npz", "K", (None, 3, 3), key)
     w2c = _array(z, "cam.npz", "w2c", (None, 4, 4), key)
     for name, a in (("K", K), ("w2c", w2c)):
@@ -228,7 +228,7 @@ def parse_sample(sample: Mapping[str, Any]) -> ParsedSample:
 
 
 def _parse_reference(image: bytes, data: bytes, key: str, num_people: int) -> ReferenceView:
-    z = _load_npz(data, "ref.npz", key)
+    z = _loadnpz_bytes(data, "ref.npz", key)
     K = _array(z, "ref.npz", "K", (3, 3), key)
     w2c = _array(z, "ref.npz", "w2c", (4, 4), key)
     check_intrinsics(K, key, "ref.npz['K']")
@@ -245,9 +245,10 @@ def _parse_reference(image: bytes, data: bytes, key: str, num_people: int) -> Re
 # --------------------------------------------------------------------------------------------------- writing
 
 
-def _npz(**arrays: np.ndarray) -> bytes:
+def npz_bytes(compressed: bool = False, **arrays: np.ndarray) -> bytes:
+    """An npz file in memory, for a sample key (compressed for sparse maps such as part IDs)."""
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    (np.savez_compressed if compressed else np.savez)(buf, **arrays)
     return buf.getvalue()
 
 
@@ -278,8 +279,8 @@ def encode_sample(
     sample: dict[str, Any] = {
         "__key__": key,
         "mp4": mp4(video),
-        "smpl.npz": _npz(betas=smpl.betas, global_orient=smpl.global_orient, body_pose=smpl.body_pose, transl=smpl.transl),
-        "cam.npz": _npz(K=cam.K, w2c=cam.w2c),
+        "smpl.npz": npz_bytes(betas=smpl.betas, global_orient=smpl.global_orient, body_pose=smpl.body_pose, transl=smpl.transl),
+        "cam.npz": npz_bytes(K=cam.K, w2c=cam.w2c),
         "json": json.dumps(dict(meta)).encode(),
     }
     if bg is not None:
@@ -289,5 +290,5 @@ def encode_sample(
     if ref_png is not None:
         sample["ref.png"] = ref_png
     if ref_npz is not None:
-        sample["ref.npz"] = _npz(**ref_npz)
+        sample["ref.npz"] = npz_bytes(**ref_npz)
     return sample

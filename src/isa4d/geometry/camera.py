@@ -95,6 +95,20 @@ def is_rigid(w2c: np.ndarray, atol: float = 1e-3) -> np.ndarray:
     return ortho & det & last
 
 
+def look_at(eye: np.ndarray, target: np.ndarray, up=(0.0, 1.0, 0.0)) -> np.ndarray:
+    """w2c (4,4) of an OpenCV camera (x right, y down, z forward) at `eye` looking at `target`; `up` is world up."""
+    eye = np.asarray(eye, dtype=np.float64)
+    z = np.asarray(target, dtype=np.float64) - eye
+    z /= np.linalg.norm(z)
+    x = np.cross(z, np.asarray(up, dtype=np.float64))
+    x /= np.linalg.norm(x)
+    y = np.cross(z, x)
+    R = np.stack([x, y, z])
+    w2c = np.eye(4)
+    w2c[:3, :3], w2c[:3, 3] = R, -R @ eye
+    return w2c
+
+
 def intrinsics_from_fov(fov_y_deg: float, height: int, width: int) -> np.ndarray:
     """K for a vertical field of view, square pixels, principal point at the image centre."""
     f = 0.5 * height / np.tan(np.deg2rad(fov_y_deg) / 2)

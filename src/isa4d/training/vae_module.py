@@ -17,7 +17,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 from isa4d.data.batch import Batch
-from isa4d.models.vae import CausalVideoVAE
+from isa4d.models.vae import CausalVideoVAE, latent_moments, stats_from_moments
 from isa4d.models.vae.discriminators import PatchDiscriminator2D, PatchDiscriminator3D
 from isa4d.models.vae.losses import adaptive_gan_weight, hinge_d_loss, hinge_g_loss
 from isa4d.models.vae.lpips import LPIPS, perceptual_video
@@ -112,7 +112,8 @@ class VAEModule(L.LightningModule):
     # ------------------------------------------------------------------------------------------------- steps
 
     def training_step(self, batch: Batch, batch_idx: int) -> None:
-        opt_g, opt_d = self.optimizers()
+        opts = self.optimizers()
+        opt_g, opt_d = opts if isinstance(opts, (list, tuple)) else (opts, None)
         x = rearrange(batch.video, "b t c h w -> b c t h w")
         x = structured_motion(x, self.motion_shift, self.motion_prob)
         total, logs, recon = self._reconstruction_losses(x)
@@ -147,8 +148,7 @@ class VAEModule(L.LightningModule):
                       sync_dist=True, batch_size=len(batch))
         if batch_idx == 0 and self.video_log_count > 0 and self.trainer.is_global_zero:
             self._log_reconstructions(x[: self.video_log_count], recon[: self.video_log_count])
-        z = rearrange(z.double(), "b c n h w -> c (b n h w)")
-        self._stats.append(torch.stack([z.sum(1), z.pow(2).sum(1), torch.full_like(z[:, 0], z.shape[1])]))
+        self._stats.append(latent_moments(z))
 
     def _log_reconstructions(self, x: torch.Tensor, recon: torch.Tensor) -> None:
         """ground truth | reconstruction | error, one row per clip, as an animated GIF in TensorBoard."""
@@ -161,16 +161,17 @@ class VAEModule(L.LightningModule):
         """Per-channel latent mean/std over the validation pass (summed over ranks) -> the VAE's buffers."""
         if not self._stats:
             return
-        s = torch.stack(self._stats).sum(0)  # (3, c)
+        moments = torch.stack(self._stats).sum(0)  # (3, c)
         self._stats.clear()
         if self.trainer.world_size > 1:
-            s = self.trainer.strategy.reduce(s, reduce_op="sum")
-        mean = s[0] / s[2]
-        std = (s[1] / s[2] - mean ** 2).clamp_min(1e-12).sqrt()
-        self.vae.set_latent_stats(mean.float(), std.float())
+            moments = self.trainer.strategy.reduce(moments, reduce_op="sum")
+        mean, std = stats_from_moments(moments)
+        self.vae.set_latent_stats(mean, std)
         self.log_dict({"val/latent_std_mean": std.mean().float(), "val/latent_mean_abs": mean.abs().mean().float()}, sync_dist=False)
 
     def configure_optimizers(self):
         discs = [m for m in (self.disc_2d, self.disc_3d) if m is not None]
-        disc_params = [p for m in discs for p in m.parameters()] or [torch.nn.Parameter(torch.zeros(1))]
-        return self.optimizer_fn(self.vae.parameters()), self.disc_optimizer_fn(disc_params)
+        opt_g = self.optimizer_fn(self.vae.parameters())
+        if not discs:  # no adversarial terms: one optimiser
+            return opt_g
+        return opt_g, self.disc_optimizer_fn([p for m in discs for p in m.parameters()])

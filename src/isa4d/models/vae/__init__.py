@@ -6,6 +6,8 @@ from isa4d.models.vae.autoencoder import (
     DiagonalGaussian,
     Encoder,
     estimate_latent_stats,
+    latent_moments,
+    stats_from_moments,
 )
 from isa4d.models.vae.blocks import Downsample, FrameGroupNorm, ResnetBlock3D, SpatialAttention, Upsample
 from isa4d.models.vae.causal_conv import CausalConv3d, reset_cache, streaming

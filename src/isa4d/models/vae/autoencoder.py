@@ -299,16 +299,28 @@ def estimate_latent_stats(vae: CausalVideoVAE, videos: Iterable[Tensor], max_bat
     """
     if max_batches < 1:
         raise ValueError(f"max_batches must be >= 1, got {max_batches}")
-    total, total_sq, count = 0.0, 0.0, 0
+    moments = None
     for i, x in enumerate(videos):
         if i >= max_batches:
             break
         posterior = vae.encode(x.to(vae.latent_mean.device))
-        z = (posterior.sample() if sample_posterior else posterior.mode()).double()
-        z = rearrange(z, "b c n h w -> c (b n h w)")
-        total, total_sq, count = total + z.sum(1), total_sq + z.pow(2).sum(1), count + z.shape[1]
-    if count == 0:
+        m = latent_moments(posterior.sample() if sample_posterior else posterior.mode())
+        moments = m if moments is None else moments + m
+    if moments is None:
         raise ValueError("no videos to estimate latent statistics from")
+    return stats_from_moments(moments)
+
+
+def latent_moments(z: Tensor) -> Tensor:
+    """Per-channel (sum, sum of squares, count) of latents (b, c, n, h, w), float64 (3, c); moments add up over
+    batches and ranks, so statistics pool exactly."""
+    z = rearrange(z.double(), "b c n h w -> c (b n h w)")
+    return torch.stack([z.sum(1), z.pow(2).sum(1), torch.full_like(z[:, 0], z.shape[1])])
+
+
+def stats_from_moments(moments: Tensor) -> tuple[Tensor, Tensor]:
+    """(mean, std) per channel, float32, from summed `latent_moments`."""
+    total, total_sq, count = moments
     mean = total / count
     std = (total_sq / count - mean.pow(2)).clamp_min(1e-12).sqrt()
     return mean.float(), std.float()
