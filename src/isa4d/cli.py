@@ -2,6 +2,7 @@
 
     isa4d fit -c configs/vae/tiny.yaml [-c more.yaml] [--key value ...]
     isa4d data inspect 'data/toy/train-{000000..000003}.tar'
+    isa4d export runs/vae_tiny/checkpoints/last.ckpt vae.safetensors [--ema] [--submodule vae]
 
 Configs are YAML with class_path/init_args. `parser_mode="omegaconf+"` resolves `${...}` interpolation after all
 `-c` files and overrides are merged, so a later override flows into earlier interpolations; under a subcommand use
@@ -43,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["data"]:
         return _data(args[1:])
+    if args[:1] == ["export"]:
+        from isa4d.training.export import main as export_main
+
+        return export_main(args[1:])
     run_cli(argv)  # None: LightningCLI reads sys.argv itself
     return 0
 

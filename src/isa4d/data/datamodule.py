@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from collections import Counter
 from typing import Any, Sequence
 
@@ -12,6 +14,9 @@ from isa4d.data.batch import Batch
 from isa4d.data.buckets import Bucket
 from isa4d.data.dataset import ClipDataset, worker_init_fn
 from isa4d.data.examples import ClipOptions
+from isa4d.data.shards import expand_urls
+
+log = logging.getLogger("isa4d.data")
 
 
 class LoaderHealth:
@@ -47,6 +52,13 @@ class ShardDataModule(L.LightningDataModule):
         frame_stride, stride_jitter, crop_jitter, aspect_tolerance, max_upscale: see ClipOptions.
         resampled: endless training stream drawing shards with replacement (else ordered epochs).
         max_skip_fraction: stop with an error once more than this fraction of samples was skipped as bad.
+        segment_steps: the resampled stream restarts every this many steps (bounds the replay of a resume).
+
+    The data position is part of the checkpoint (`state_dict`): the step of the next training batch, counted in
+    batches consumed (a step skipped for a non-finite loss consumed its batch too). A resumed run restarts the
+    stream there, so with the same seed, world size and number of workers it sees exactly the batches of a run
+    that never stopped (isa4d.data.dataset). Without a stored position (older checkpoints) it restarts at
+    `trainer.global_step`.
     """
 
     def __init__(
@@ -69,6 +81,7 @@ class ShardDataModule(L.LightningDataModule):
         max_skip_fraction: float = 0.1,
         min_samples_for_skip_check: int = 50,
         seed: int = 0,
+        segment_steps: int = 500,
     ):
         super().__init__()
         if train_urls is None and val_urls is None:
@@ -79,8 +92,25 @@ class ShardDataModule(L.LightningDataModule):
         self.resampled, self.shuffle_buffer, self.pool_size = resampled, shuffle_buffer, pool_size
         self.num_workers, self.prefetch_factor, self.pin_memory = num_workers, prefetch_factor, pin_memory
         self.max_skip_fraction, self.min_samples, self.seed = max_skip_fraction, min_samples_for_skip_check, seed
+        self.segment_steps = segment_steps
         self.health = LoaderHealth()
         self.start_step = 0
+        self.next_step: int | None = None  # the data position: step of the next training batch
+        self._resumed: dict[str, Any] | None = None
+
+    def setup(self, stage: str) -> None:
+        """Fail at the start, naming the config key, when shard patterns match nothing or local shards are missing."""
+        for key, urls in (("train_urls", self.train_urls if stage == "fit" else None), ("val_urls", self.val_urls)):
+            if urls is None:
+                continue
+            try:
+                expanded = expand_urls(urls)
+            except ValueError as e:
+                raise FileNotFoundError(f"data.{key}: {e}") from None
+            missing = [u for u in expanded if "://" not in u and not u.startswith("pipe:") and not os.path.exists(u)]
+            if missing:
+                raise FileNotFoundError(f"data.{key}: {len(missing)} of {len(expanded)} shards do not exist, e.g. "
+                                        f"{missing[:3]}")
 
     def _distributed(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -92,6 +122,7 @@ class ShardDataModule(L.LightningDataModule):
             urls, buckets, train=train, options=self.options, seed=self.seed, resampled=self.resampled,
             shuffle_buffer=self.shuffle_buffer, pool_size=self.pool_size, max_skip_fraction=self.max_skip_fraction,
             min_samples_for_skip_check=self.min_samples, rank=rank, world_size=world, start_step=self.start_step,
+            segment_steps=self.segment_steps,
         )
 
     def _loader(self, ds: ClipDataset) -> DataLoader:
@@ -105,7 +136,9 @@ class ShardDataModule(L.LightningDataModule):
         if self.train_urls is None:
             raise ValueError("fit needs data.train_urls")
         trainer = self.trainer
-        self.start_step = trainer.global_step if trainer is not None else 0
+        if self.next_step is None:
+            self.next_step = trainer.global_step if trainer is not None else 0
+        self.start_step = self.next_step
         return self._loader(self._dataset(self.train_urls, self.buckets, train=True))
 
     def val_dataloader(self) -> DataLoader | list:
@@ -118,4 +151,22 @@ class ShardDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         self.health.update(batch.stats)
+        trainer = self.trainer
+        if "step" in batch.stats and trainer is not None and trainer.training:
+            self.next_step = batch.stats["step"] + 1
         return batch.normalize()
+
+    def state_dict(self) -> dict[str, Any]:
+        rank, world = self._distributed()
+        return {"next_step": self.next_step, "seed": self.seed, "world_size": world,
+                "num_workers": self.num_workers, "segment_steps": self.segment_steps}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.next_step = state_dict.get("next_step")
+        _, world = self._distributed()
+        now = {"seed": self.seed, "world_size": world, "num_workers": self.num_workers,
+               "segment_steps": self.segment_steps}
+        changed = {k: (state_dict.get(k), v) for k, v in now.items() if state_dict.get(k, v) != v}
+        if changed and (self.trainer is None or self.trainer.is_global_zero):
+            log.warning("resuming the data stream at step %s with changed %s (checkpoint, now): the batches "
+                        "will differ from those of an uninterrupted run", self.next_step, changed)

@@ -2,13 +2,23 @@
 
 Batches are formed inside the loader workers (the DataLoader runs with batch_size=None), because a batch's shape
 is its bucket's. Training streams are resampled and endless; validation is one ordered, deterministic pass.
+
+Resumable training stream. The batch of training step s depends only on (seed, rank, s) and the number of loader
+workers W, never on where the stream started: worker w of a stream starting at step k serves the steps
+s = k + w + jW, all in lane s mod W; a lane's shard stream restarts every `segment_steps` steps, seeded by
+(seed, rank, W, lane, segment), and the random crops and windows of step s come from a generator seeded by
+(seed, rank, s). A stream that starts inside a segment (a resume) replays that segment's sample selection up to
+its first step without decoding (at most `segment_steps` / W batches per worker), so k steps + resume + the rest
+see exactly the batches of an uninterrupted run. (A clip that fails to decode inside the replayed part would
+shift the selection; such clips are rare and counted.)
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import Any, Iterator, Sequence
+import itertools
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -61,8 +71,9 @@ class SkipCounter:
 class ClipDataset(IterableDataset):
     """Bucketed clip batches from contract shards.
 
-    `rank`/`world_size` are set by the datamodule. `start_step` is the global step the stream begins at, so the
-    bucket schedule stays aligned after a resume.
+    `rank`/`world_size` are set by the datamodule. `start_step` is the step the stream begins at (the data
+    position of a resumed run): the bucket schedule and, for resampled streams, the batches themselves depend
+    on the step alone (module doc). `segment_steps`: how often the resampled stream restarts.
     """
 
     def __init__(
@@ -81,14 +92,18 @@ class ClipDataset(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         start_step: int = 0,
+        segment_steps: int = 500,
     ):
         super().__init__()
+        if segment_steps < 1:
+            raise ValueError(f"segment_steps must be >= 1, got {segment_steps}")
         self.urls = expand_urls(urls)
         self.schedule = BucketSchedule(buckets, seed)
         self.train, self.options, self.seed, self.resampled = train, options, seed, resampled and train
         self.shuffle_buffer, self.pool_size = shuffle_buffer, pool_size
         self.max_skip_fraction, self.min_samples = max_skip_fraction, min_samples_for_skip_check
         self.rank, self.world_size, self.start_step = rank, world_size, start_step
+        self.segment_steps = segment_steps
         self.epoch = 0
 
     # ------------------------------------------------------------------------------------------- the raw stream
@@ -122,12 +137,28 @@ class ClipDataset(IterableDataset):
         worker, num_workers = self._worker()
         gid = self.rank * num_workers + worker
         counter = SkipCounter(self.max_skip_fraction, self.min_samples, max(20, 2 * len(self.urls)))
+        first = self.start_step + worker  # this worker serves first, first + W, first + 2W, ...
+        if self.train and self.resampled:
+            yield from self._resumable_batches(counter, gid, worker, num_workers, first)
+            return
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, self.start_step])
         parsed = self._parsed(counter, worker, num_workers, rng)
-        if self.train:
-            yield from self._train_batches(parsed, counter, gid, worker, num_workers, rng)
+        if self.train:  # an ordered epoch: its position is not restored (Lightning restarts the epoch)
+            yield from self._train_batches(parsed, counter, gid, itertools.count(first, num_workers), first)
         else:
             yield from self._eval_batches(parsed, counter, gid)
+
+    def _resumable_batches(self, counter: SkipCounter, gid: int, worker: int, num_workers: int,
+                           first: int) -> Iterator[Batch]:
+        """Lane (first mod W), segment by segment, from step `first` on (module doc)."""
+        lane, size = first % num_workers, self.segment_steps
+        segment = first // size
+        while True:
+            rng = np.random.default_rng([self.seed, self.rank, num_workers, lane, segment])
+            begin = segment * size + (lane - segment * size) % num_workers  # the lane's first step in the segment
+            steps = range(begin, (segment + 1) * size, num_workers)
+            yield from self._train_batches(self._parsed(counter, worker, num_workers, rng), counter, gid, steps, first)
+            segment += 1
 
     # ------------------------------------------------------------------------------------------------ batching
 
@@ -136,20 +167,24 @@ class ClipDataset(IterableDataset):
         return fits(bucket, s.info.height, s.info.width, s.info.num_frames, min_stride=o.min_stride,
                     aspect_tolerance=o.aspect_tolerance, max_upscale=o.max_upscale)
 
-    def _train_batches(self, parsed: Iterator[ParsedSample], counter: SkipCounter, gid: int, worker: int,
-                       num_workers: int, rng: np.random.Generator) -> Iterator[Batch]:
-        """Worker w produces the rank's batches w, w + W, w + 2W, ... (the DataLoader takes workers in turn), so it
-        knows the step of every batch it makes and fills it from the bucket the schedule names for that step."""
+    def _train_batches(self, parsed: Iterator[ParsedSample], counter: SkipCounter, gid: int, steps: Iterable[int],
+                       first: int) -> Iterator[Batch]:
+        """The batches of `steps` (a worker's: the DataLoader takes workers in turn), each filled from the bucket
+        the schedule names for its step; steps before `first` only select their samples (a resume's replay)."""
         pool: list[ParsedSample] = []
-        evicted, k = 0, 0
-        while True:
-            step = self.start_step + k * num_workers + worker
+        evicted = 0
+        for step in steps:
             bucket = self.schedule[step]
+            replay = step < first
+            rng = np.random.default_rng([self.seed, 0xDEC0DE, self.rank, step])  # crops, windows of this step
             examples, scanned = [], 0
             while len(examples) < bucket.batch_size:
                 s = next((x for x in pool if self._fits(x, bucket)), None)
                 if s is not None:
                     pool.remove(s)
+                    if replay:
+                        examples.append(None)
+                        continue
                     try:
                         examples.append(decode_example(s, bucket, self.options, rng))
                     except SampleError as e:
@@ -171,8 +206,8 @@ class ClipDataset(IterableDataset):
                         f"bucket {bucket.name} found no fitting clip among {scanned} samples; check the buckets "
                         f"against the data (isa4d data inspect) or lower its weight"
                     )
-            yield collate(examples, {**counter.state(gid), "evicted": evicted, "bucket": bucket.name, "step": step})
-            k += 1
+            if not replay:
+                yield collate(examples, {**counter.state(gid), "evicted": evicted, "bucket": bucket.name, "step": step})
 
     def _eval_batches(self, parsed: Iterator[ParsedSample], counter: SkipCounter, gid: int) -> Iterator[Batch]:
         """One ordered pass at the first bucket's size, centred windows and crops, every clip regardless of aspect."""

@@ -16,6 +16,8 @@ import lightning as L
 import torch
 from torch import nn
 
+from isa4d.parallel import reshard, shard_like
+
 
 class EMA(L.Callback):
     """EMA of the trainable parameters of the LightningModule, or of its attribute `submodule` (e.g. "vae").
@@ -31,7 +33,10 @@ class EMA(L.Callback):
     With `validate_with_ema`, validation runs on the EMA weights, swapped in at `on_validation_start` and out
     at `on_validation_end`; Lightning runs ModelCheckpoint's hooks after every other callback's, so
     checkpoints always hold the training weights. The shadow, the update count and the last step seen go
-    into the checkpoint's callback state, so a resumed run continues the same average.
+    into the checkpoint's callback state, so a resumed run continues the same average. Under FSDP the shadow
+    holds DTensors sharded like the parameters; isa4d.parallel.FSDP2Strategy saves them sharded in the DCP
+    checkpoint and reshards them on load, and a full-tensor shadow (from a single-file checkpoint) is sharded
+    at the start of training.
     """
 
     def __init__(self, decay: float = 0.9999, every_n_steps: int = 1, start_step: int = 0,
@@ -60,7 +65,7 @@ class EMA(L.Callback):
 
     def _params(self, pl_module: nn.Module) -> dict[str, torch.Tensor]:
         """The parameters the shadow follows: the trainable ones at the start, then those it holds by name."""
-        named = dict(self._target(pl_module).named_parameters())
+        named = dict(reshard(self._target(pl_module)).named_parameters())  # FSDP: the sharded parameters
         if self.shadow is None:
             return {k: p for k, p in named.items() if p.requires_grad}
         missing = [k for k in self.shadow if k not in named]
@@ -123,7 +128,7 @@ class EMA(L.Callback):
             if self.shadow[k].shape != p.shape:
                 raise ValueError(f"EMA shadow {k} has shape {tuple(self.shadow[k].shape)}, "
                                  f"the module {tuple(p.shape)}")
-            self.shadow[k] = self.shadow[k].to(device=p.device, dtype=torch.float32)
+            self.shadow[k] = shard_like(self.shadow[k], p).to(device=p.device, dtype=torch.float32)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
@@ -152,7 +157,8 @@ class EMA(L.Callback):
     # --------------------------------------------------------------------------------------------- checkpoint
 
     def state_dict(self) -> dict[str, Any]:
-        return {"shadow": self.shadow, "num_updates": self.num_updates, "last_step": self.last_step}
+        return {"shadow": self.shadow, "num_updates": self.num_updates, "last_step": self.last_step,
+                "submodule": self.submodule}  # `isa4d export --ema` maps the shadow's names with it
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.shadow = state_dict["shadow"]

@@ -21,7 +21,9 @@ from isa4d.models.vae import CausalVideoVAE, latent_moments, stats_from_moments
 from isa4d.models.vae.discriminators import PatchDiscriminator2D, PatchDiscriminator3D
 from isa4d.models.vae.losses import adaptive_gan_weight, hinge_d_loss, hinge_g_loss
 from isa4d.models.vae.lpips import LPIPS, perceptual_video
+from isa4d.parallel import ParallelConfig, configure_parallel
 from isa4d.training.augment import structured_motion
+from isa4d.training.faults import finite_or_skip
 from isa4d.training.video_logging import error_video, log_video, video_grid
 
 
@@ -41,6 +43,8 @@ class VAELossWeights:
 
 
 class VAEModule(L.LightningModule):
+    checkpoint_monitor = ("val/l1", "min")  # the best checkpoint (isa4d.training.checkpoint, monitor="model")
+
     def __init__(
         self,
         vae: CausalVideoVAE,
@@ -55,6 +59,7 @@ class VAEModule(L.LightningModule):
         motion_prob: float = 0.5,
         gradient_clip: float = 1.0,
         video_log_count: int = 2,
+        parallel: ParallelConfig = ParallelConfig(),
     ):
         super().__init__()
         if (loss.gan_2d > 0 and disc_2d is None) or (loss.gan_3d > 0 and disc_3d is None):
@@ -67,6 +72,7 @@ class VAEModule(L.LightningModule):
         self.optimizer_fn, self.disc_optimizer_fn = optimizer, disc_optimizer
         self.motion_shift, self.motion_prob, self.gradient_clip = motion_shift, motion_prob, gradient_clip
         self.video_log_count = video_log_count
+        self.parallel = parallel
         self.automatic_optimization = False
         self._stats: list[torch.Tensor] = []
 
@@ -117,6 +123,8 @@ class VAEModule(L.LightningModule):
         x = rearrange(batch.video, "b t c h w -> b c t h w")
         x = structured_motion(x, self.motion_shift, self.motion_prob)
         total, logs, recon = self._reconstruction_losses(x)
+        if not finite_or_skip(self, total):
+            return
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(total)
         self.clip_gradients(opt_g, gradient_clip_val=self.gradient_clip, gradient_clip_algorithm="norm")
@@ -168,6 +176,15 @@ class VAEModule(L.LightningModule):
         mean, std = stats_from_moments(moments)
         self.vae.set_latent_stats(mean, std)
         self.log_dict({"val/latent_std_mean": std.mean().float(), "val/latent_mean_abs": mean.abs().mean().float()}, sync_dist=False)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["vae_config"] = dict(self.vae.config)  # isa4d.models.vae.load_vae rebuilds the VAE from it
+
+    def configure_model(self) -> None:
+        """FSDP2 under ModelParallelStrategy (VAE and discriminators sharded, LPIPS frozen); else nothing."""
+        discs = [m for m in (self.disc_2d, self.disc_3d) if m is not None]
+        lpips = [self.lpips] if self.lpips is not None else []
+        configure_parallel(self, trainable=[self.vae, *discs], frozen=lpips, config=self.parallel)
 
     def configure_optimizers(self):
         discs = [m for m in (self.disc_2d, self.disc_3d) if m is not None]

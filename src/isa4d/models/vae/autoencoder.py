@@ -160,6 +160,12 @@ class CausalVideoVAE(nn.Module):
     ) -> None:
         super().__init__()
         channel_mults, temporal_downsample = tuple(channel_mults), tuple(temporal_downsample)
+        # the constructor arguments, saved with checkpoints so stage 2 rebuilds this VAE from the file alone
+        self.config = dict(in_channels=in_channels, latent_channels=latent_channels, base_channels=base_channels,
+                           channel_mults=list(channel_mults), num_res_blocks=num_res_blocks,
+                           temporal_downsample=list(temporal_downsample), mid_attention=mid_attention,
+                           norm_groups=norm_groups, dropout=dropout, image_regularizer=image_regularizer,
+                           sub_latents=sub_latents, image_decoder_channels=list(image_decoder_channels))
         if not channel_mults or base_channels <= 0 or min(channel_mults) <= 0:
             raise ValueError(f"need base_channels > 0 and positive channel_mults, got {base_channels}, "
                              f"{channel_mults}")
@@ -192,6 +198,26 @@ class CausalVideoVAE(nn.Module):
         if latent_mean is not None or latent_std is not None:
             self.set_latent_stats(self.latent_mean if latent_mean is None else torch.tensor(latent_mean),
                                   self.latent_std if latent_std is None else torch.tensor(latent_std))
+
+    # ------------------------------------------------------------------------------------------ wrap units
+
+    fsdp_forward_methods = ("encode", "decode", "decode_subframes")  # entry points besides forward
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """The modules isa4d.parallel wraps one by one (checkpointing, compile, FSDP): every Resnet block,
+        attention and down/upsampler, the whole encoder, and the image decoder. The decoder's conv_in, norm_out
+        and conv_out stay with the root, whose parameters stay gathered from forward to backward: the adaptive
+        GAN weight differentiates with respect to conv_out's weight."""
+        units: list[nn.Module] = []
+        for net, stages in ((self.encoder, self.encoder.down), (self.decoder, self.decoder.up)):
+            for stage in stages:
+                units += list(stage.block)
+                units += [getattr(stage, n) for n in ("downsample", "upsample") if hasattr(stage, n)]
+            units += [net.mid.block_1, net.mid.attn_1, net.mid.block_2]
+        units.append(self.encoder)
+        if self.image_regularizer:
+            units.append(self.image_decoder)
+        return [u for u in units if any(True for _ in u.parameters())]
 
     # ----------------------------------------------------------------------------------------------- coding
 

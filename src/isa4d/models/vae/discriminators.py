@@ -35,6 +35,10 @@ class PatchDiscriminator2D(nn.Module):
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         return self.net(rearrange(video, "b c t h w -> (b t) c h w"))
 
+    def fsdp_units(self) -> list[nn.Module]:
+        """Wrap units for isa4d.parallel: each conv layer; norms and the rest stay with the root."""
+        return [m for m in self.net if isinstance(m, (nn.Conv2d, nn.Conv3d))]
+
 
 class PatchDiscriminator3D(nn.Module):
     """(B, C, T, H, W) -> space-time patch logits (B, 1, t, h, w). Strides 2 in space every layer, in time on the
@@ -55,3 +59,7 @@ class PatchDiscriminator3D(nn.Module):
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         return self.net(video)
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """Wrap units for isa4d.parallel: each conv layer; norms and the rest stay with the root."""
+        return [m for m in self.net if isinstance(m, (nn.Conv2d, nn.Conv3d))]
