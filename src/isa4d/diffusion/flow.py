@@ -53,25 +53,30 @@ class FlowMatching:
         self.shift = shift
 
     def sample_t(self, n: int, generator: torch.Generator | None = None,
-                 device: torch.device | str | None = None) -> torch.Tensor:
-        """(n,) training times in (0, 1), shifted."""
+                 device: torch.device | str | None = None, shift: float | None = None) -> torch.Tensor:
+        """(n,) training times in (0, 1), shifted by `shift` (default: the objective's own)."""
         if self.time_sampler == "logit_normal":
             t = logit_normal(n, self.logit_mean, self.logit_std, generator=generator, device=device)
         else:
             t = uniform(n, generator=generator, device=device)
-        return shift_time(t, self.shift)  # (n,)
+        return shift_time(t, self.shift if shift is None else shift)  # (n,)
 
     def loss(self, net: Callable[..., torch.Tensor], x0: torch.Tensor, cond: dict | None = None,
              generator: torch.Generator | None = None, weight: torch.Tensor | None = None,
-             mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             mask: torch.Tensor | None = None, shift: float | None = None,
+             t: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Scalar loss and logs {"loss", "t"}.
+
+        `shift` overrides the objective's time shift for this batch (resolution-dependent shifts); `t` (B,) fixes
+        the times instead of drawing them (deterministic validation losses).
 
         `weight` (B,) scales each sample's squared error; `mask` (broadcastable to x0, 1 = keep) selects elements.
         The sum is divided by the number of kept elements (not by the weights), so per-sample weights act as loss
         weights rather than being normalised away; with neither given this is the plain mean over all elements.
         """
         b = x0.shape[0]
-        t = self.sample_t(b, generator=generator, device=x0.device)  # (B,)
+        if t is None:
+            t = self.sample_t(b, generator=generator, device=x0.device, shift=shift)  # (B,)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t = interpolate(x0, noise, t)
         v = net(x_t, t, **(cond or {}))

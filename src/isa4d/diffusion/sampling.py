@@ -7,7 +7,7 @@ image and the pose carry separate scales (paper silent; PAPER.md §5.1 [INF]).
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -53,3 +53,48 @@ def euler_sample(net_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], n
         if callback is not None:
             callback(i, t_next, x)
     return x
+
+
+@torch.no_grad()
+def heun_sample(net_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noise: torch.Tensor,
+                timesteps: torch.Tensor,
+                callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Heun's second-order method on the same ODE (Karras et al. 2022, Alg. 1): an Euler predictor, then the
+    average of the velocities at both ends; the last step to t = 0 is plain Euler. Two network calls per step."""
+    x = noise
+    for i, (t_cur, t_next) in enumerate(zip(timesteps[:-1], timesteps[1:])):
+        dt = (t_cur - t_next).to(x.dtype)
+        v = net_fn(x, t_cur.expand(x.shape[0]).to(x.device))
+        x_pred = x + dt * v
+        if t_next > 0:
+            v_next = net_fn(x_pred, t_next.expand(x.shape[0]).to(x.device))
+            x = x + dt * 0.5 * (v + v_next)
+        else:
+            x = x_pred
+        if callback is not None:
+            callback(i, t_next, x)
+    return x
+
+
+SAMPLERS = {"euler": euler_sample, "heun": heun_sample}
+
+
+def condition_guidance(net: Callable[..., torch.Tensor], scales: Mapping[str, float],
+                       **kwargs) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """`net_fn(x, t)` for the samplers with one guidance scale per condition (paper silent; PAPER.md §5.1 [INF]).
+
+    `net(x, t, force_drop=..., **kwargs)` must accept `force_drop`, a map from condition names to True (dropped).
+    With guided conditions S = scales.keys(), the unconditional prediction drops all of S and prediction i keeps
+    only condition i of S (conditions outside S are always kept); they combine by `guidance_multi`. No scales:
+    the plain conditional prediction. One condition at scale 1 equals the conditional prediction exactly.
+    """
+    names = list(scales)
+
+    def net_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if not names:
+            return net(x, t, **kwargs)
+        v_uncond = net(x, t, force_drop={n: True for n in names}, **kwargs)
+        v_conds = [net(x, t, force_drop={m: True for m in names if m != n}, **kwargs) for n in names]
+        return guidance_multi(v_uncond, v_conds, [scales[n] for n in names])
+
+    return net_fn

@@ -81,3 +81,24 @@ def log_video(logger_or_writer: object, tag: str, frames: torch.Tensor, step: in
                           encoded_image_string=gif_bytes(frames, fps))
     writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
     return True
+
+
+PERSON_COLOURS = ((0.1, 1.0, 0.2), (1.0, 0.25, 0.2), (0.25, 0.5, 1.0), (1.0, 0.9, 0.1), (1.0, 0.2, 1.0))
+
+
+def draw_points(video: torch.Tensor, uv: torch.Tensor, valid: torch.Tensor, person: torch.Tensor,
+                radius: int = 0) -> torch.Tensor:
+    """A copy of video (T, 3, H, W) in [-1, 1] with points uv (T, K, 2) (pixels) drawn as dots of their person's
+    colour; valid (T, K) bool, person (K,) long. Dots are (2·radius + 1)² pixels, clipped at the borders."""
+    out = video.detach().clone()
+    T, _, H, W = out.shape
+    colours = torch.tensor(PERSON_COLOURS, dtype=out.dtype, device=out.device) * 2 - 1  # (5, 3)
+    col = colours[person % len(PERSON_COLOURS)]  # (K, 3)
+    for du in range(-radius, radius + 1):
+        for dv in range(-radius, radius + 1):
+            u = uv[..., 0].round().long() + du  # (T, K)
+            v = uv[..., 1].round().long() + dv
+            ok = valid & (u >= 0) & (u < W) & (v >= 0) & (v < H)
+            ti, ki = ok.nonzero(as_tuple=True)
+            out[ti, :, v[ti, ki], u[ti, ki]] = col[ki]
+    return out

@@ -12,6 +12,7 @@ from isa4d.models.vae.autoencoder import (
 from isa4d.models.vae.blocks import Downsample, FrameGroupNorm, ResnetBlock3D, SpatialAttention, Upsample
 from isa4d.models.vae.causal_conv import CausalConv3d, reset_cache, streaming
 from isa4d.models.vae.image_decoder import ImageDecoder
+from isa4d.models.vae.io import load_vae
 from isa4d.models.vae.tiling import run_chunked, run_tiled
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "SpatialAttention",
     "Upsample",
     "estimate_latent_stats",
+    "load_vae",
     "reset_cache",
     "run_chunked",
     "run_tiled",

@@ -1,0 +1,113 @@
+"""Attention primitives of ISA-DiT: rotary positions, QK-normalised self- and cross-attention.
+
+Every attention goes through `torch.nn.functional.scaled_dot_product_attention`, so no attention matrix is ever
+materialised and PyTorch picks the flash / cuDNN / memory-efficient kernel. Queries and keys are RMS-normalised
+per head before the dot product (QK-norm, Dehghani et al. 2023; used by SD3 and Flux), which keeps attention
+logits bounded in bf16 as the model grows. Rotary embeddings (Su et al. 2021) follow Flux's multi-axis layout:
+the head dimension is split into one slice per position axis.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+
+def rope_frequencies(positions: torch.Tensor, axes_dims: tuple[int, ...], theta: float = 10_000.0) -> torch.Tensor:
+    """Rotary angles for positions (L, A) over A axes -> (L, sum(axes_dims) / 2) angles.
+
+    Axis a rotates its own slice of axes_dims[a] channels (an even number) with frequencies theta^(-2i/dim).
+    """
+    if positions.shape[-1] != len(axes_dims) or any(d % 2 for d in axes_dims):
+        raise ValueError(f"need one even slice per position axis, got axes_dims={axes_dims} for "
+                         f"positions of shape {tuple(positions.shape)}")
+    angles = []
+    for a, dim in enumerate(axes_dims):
+        freqs = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=positions.device) / dim)  # (dim/2,)
+        angles.append(positions[:, a, None].double() * freqs)  # (L, dim/2)
+    return torch.cat(angles, dim=-1).float()  # (L, sum/2)
+
+
+def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (2i, 2i+1) of x (..., L, Dh) by angles (L, Dr/2); channels past Dr are left as is."""
+    rot = 2 * angles.shape[-1]
+    xr, xp = x[..., :rot].float(), x[..., rot:]
+    xr = rearrange(xr, "... (d two) -> ... d two", two=2)
+    cos, sin = angles.cos(), angles.sin()  # (L, Dr/2)
+    out = torch.stack([xr[..., 0] * cos - xr[..., 1] * sin, xr[..., 0] * sin + xr[..., 1] * cos], dim=-1)
+    return torch.cat([rearrange(out, "... d two -> ... (d two)").to(x.dtype), xp], dim=-1)
+
+
+def grid_positions(*sizes: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Integer coordinates of a row-major grid of the given sizes, (prod(sizes), len(sizes))."""
+    axes = [torch.arange(s, device=device, dtype=torch.float32) for s in sizes]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(sizes))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """SDPA over (B, H, L, Dh) heads -> (B, L, H·Dh); `mask` (B, 1 or H, Lq, Lk) bool, True = attend."""
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, Lq, Dh)
+    return rearrange(out, "b h l d -> b l (h d)")
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with QK-norm and optional rotary positions; x (B, L, D) -> (B, L, D)."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.num_heads)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        return self.proj(attention(q, k, v, mask))  # (B, L, D)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head cross-attention with QK-norm: queries x (B, Lq, D) read context (B, Lk, D) -> (B, Lq, D).
+
+    `mask` (B, Lk) bool marks the keys that may be attended; every query must have at least one.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        q = rearrange(self.q(x), "b l (h d) -> b h l d", h=self.num_heads)
+        k, v = rearrange(self.kv(context), "b l (two h d) -> two b h l d", two=2, h=self.num_heads)
+        q, k = self.q_norm(q), self.k_norm(k)
+        attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, Lk)
+        return self.proj(attention(q, k, v, attn_mask))  # (B, Lq, D)
+
+
+class FeedForward(nn.Module):
+    """The transformer MLP: Linear -> GELU(tanh) -> Linear, width mlp_ratio·D."""
+
+    def __init__(self, dim: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)

@@ -1,0 +1,154 @@
+"""What ISA-DiT is conditioned on, and how a clip's SMPL and cameras become it (paper §2.1-2.2, §3.2).
+
+`DiTConditions` is the network's one conditioning contract. `PoseConditioner` builds its geometric part from a
+batch's bodies and cameras: the fixed surface points (`isa4d.body.surface`) posed by smplx in every video frame,
+grouped by latent frame, their camera NDC, their projection into the reference view, and the Plücker ray maps.
+
+How the four video frames of a latent frame enter (PAPER.md §2.3 leaves it open; docs/model.md): a token's
+content codes the world positions of its point in all the frames the latent frame covers (the point's motion
+inside the latent frame), and its ISPE position is the mean of the point's NDC in those frames, each frame
+projected with its own camera (`position_frame="mean"`; "center" and "last" are the alternatives).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+
+from isa4d.body.smpl import BodyModel, model_file
+from isa4d.body.surface import BodySurface
+from isa4d.geometry.ndc import points_to_ndc
+from isa4d.geometry.plucker import latent_frame_groups, plucker_latent
+
+POSITION_FRAMES = ("mean", "center", "last")
+
+
+@dataclass
+class DiTConditions:
+    """Conditions of B clips with T latent frames of h x w latent pixels, P people (padded), V body points."""
+
+    points_world: torch.Tensor  # (B, P, T, F, V, 3) world positions in the F video frames of each latent frame
+    points_ndc: torch.Tensor  # (B, P, T, V, 3) camera NDC for ISPE (zeros where not valid)
+    points_valid: torch.Tensor  # (B, P, T, V) bool: a real person, in front of the camera
+    person_mask: torch.Tensor  # (B, P) bool
+    plucker: torch.Tensor  # (B, T, 6F, h, w)
+    ref_latent: torch.Tensor  # (B, C, h, w) normalised VAE latent of the reference image
+    ref_points_ndc: torch.Tensor  # (B, P, V, 2) the points' projection into the reference view (grid_sample coords)
+    ref_points_valid: torch.Tensor  # (B, P, V) bool: reference has a camera, real person, in front of it
+    background: torch.Tensor | None = None  # (B, C, T, h, w) normalised background latent, zeros where none
+    ref_features: torch.Tensor | None = None  # (B, R, E) tokens of an optional image encoder
+
+    def __len__(self) -> int:
+        return self.points_world.shape[0]
+
+    def apply(self, fn) -> "DiTConditions":
+        return DiTConditions(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
+                                for f in fields(self)})
+
+    def to(self, device: torch.device | str) -> "DiTConditions":
+        return self.apply(lambda t: t.to(device))
+
+    def repeat(self, n: int) -> "DiTConditions":
+        """Each tensor stacked n times along the batch (for batched guidance)."""
+        return self.apply(lambda t: torch.cat([t] * n, dim=0))
+
+
+class PoseConditioner(nn.Module):
+    """Bodies and cameras of a clip -> the geometric fields of `DiTConditions`.
+
+    The surface samples are persistent buffers (they define which body point each 3D token is and must travel
+    with the checkpoint); the body model's data is never saved (licensed SMPL files, `isa4d.body.smpl`).
+    Gendered models are used for samples labelled male/female when their files exist in `body_model_dir`;
+    otherwise the neutral model, with one warning.
+    """
+
+    def __init__(self, body_model_dir: str, num_points: int, surface_seed: int = 0, min_points_per_part: int = 2,
+                 temporal_factor: int = 4, spatial_factor: int = 8, patch: int = 2, near: float = 0.1,
+                 far: float = 20.0, position_frame: str = "mean", use_gender: bool = True):
+        super().__init__()
+        if position_frame not in POSITION_FRAMES:
+            raise ValueError(f"position_frame must be one of {POSITION_FRAMES}, got {position_frame!r}")
+        self.temporal_factor, self.spatial_factor, self.patch = temporal_factor, spatial_factor, patch
+        self.near, self.far, self.position_frame = near, far, position_frame
+        genders = ["neutral"]
+        if use_gender:
+            genders += [g for g in ("male", "female") if _has_model(body_model_dir, g)]
+        self.bodies = nn.ModuleDict({g: BodyModel(body_model_dir, g) for g in genders})
+        neutral = self.bodies["neutral"]
+        self.surface = BodySurface.from_body_model(neutral, num_points, surface_seed, neutral.part_ids,
+                                                   min_points_per_part)
+        self._warned: set[str] = set()
+
+    @property
+    def num_points(self) -> int:
+        return self.surface.num_points
+
+    def pose(self, betas: torch.Tensor, global_orient: torch.Tensor, body_pose: torch.Tensor, transl: torch.Tensor,
+             gender: list[str] | None = None) -> torch.Tensor:
+        """Surface points of B sequences of P people, (B, P, T, V, 3), each sample posed with its gender's body."""
+        B = betas.shape[0]
+        groups = {}
+        for i, g in enumerate(gender or ["neutral"] * B):
+            g = g.lower()
+            if g not in self.bodies:
+                if g not in self._warned and g in ("male", "female"):
+                    warnings.warn(f"no SMPL_{g.upper()}.pkl in the body model folder: posing {g} bodies with the "
+                                  f"neutral model", stacklevel=2)
+                    self._warned.add(g)
+                g = "neutral"
+            groups.setdefault(g, []).append(i)
+        out = None
+        for g, idx in groups.items():
+            ix = torch.tensor(idx, device=betas.device)
+            verts, _ = self.bodies[g](betas[ix], global_orient[ix], body_pose[ix], transl[ix])  # (b, P, T, Vm, 3)
+            pts = self.surface(verts)  # (b, P, T, V, 3)
+            if out is None:
+                out = pts.new_zeros((B,) + pts.shape[1:])
+            out[ix] = pts
+        return out
+
+    def forward(self, K: torch.Tensor, w2c: torch.Tensor, smpl, person_mask: torch.Tensor, ref_K: torch.Tensor,
+                ref_w2c: torch.Tensor, ref_smpl, ref_has_camera: torch.Tensor, height: int, width: int,
+                gender: list[str] | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Cameras K (B, T, 3, 3), w2c (B, T, 4, 4) of an H x W clip, `smpl`/`ref_smpl` as `isa4d.data.SMPLBatch`.
+
+        Returns (the geometric `DiTConditions` fields as a dict, the posed points of every video frame
+        (B, P, T_video, V, 3) for overlays).
+        """
+        groups = latent_frame_groups(K.shape[1], self.temporal_factor).to(K.device)  # (T, F)
+        points = self.pose(smpl.betas, smpl.global_orient, smpl.body_pose, smpl.transl, gender)  # (B, P, Tv, V, 3)
+        ndc, valid = points_to_ndc(points, K[:, None], w2c[:, None], height, width, self.near, self.far)
+        valid = valid & person_mask[:, :, None, None]  # (B, P, Tv, V)
+        ndc, valid = ndc[:, :, groups], valid[:, :, groups]  # (B, P, T, F, V, 3), (B, P, T, F, V)
+        if self.position_frame == "mean":
+            pos, ok = ndc.mean(dim=3), valid.all(dim=3)
+        else:
+            k = self.temporal_factor // 2 if self.position_frame == "center" else -1
+            pos, ok = ndc[:, :, :, k], valid[:, :, :, k]
+        pos = torch.where(ok[..., None], pos, torch.zeros_like(pos))  # no inf/nan from points behind the camera
+
+        ref_points = self.pose(ref_smpl.betas, ref_smpl.global_orient, ref_smpl.body_pose, ref_smpl.transl, gender)
+        ref_ndc, ref_ok = points_to_ndc(ref_points[:, :, 0], ref_K[:, None], ref_w2c[:, None], height, width,
+                                        self.near, self.far)  # (B, P, V, 3), (B, P, V)
+        ref_ok = ref_ok & person_mask[:, :, None] & ref_has_camera[:, None, None]
+        ref_xy = torch.where(ref_ok[..., None], ref_ndc[..., :2], torch.zeros_like(ref_ndc[..., :2]))
+        geometry = dict(
+            points_world=points[:, :, groups],  # (B, P, T, F, V, 3)
+            points_ndc=pos,
+            points_valid=ok,
+            person_mask=person_mask,
+            plucker=plucker_latent(K, w2c, height, width, self.temporal_factor, self.spatial_factor, self.patch),
+            ref_points_ndc=ref_xy,
+            ref_points_valid=ref_ok,
+        )
+        return geometry, points
+
+
+def _has_model(model_dir: str, gender: str) -> bool:
+    try:
+        return model_file(model_dir, gender).is_file()
+    except (FileNotFoundError, ValueError):
+        return False
