@@ -16,8 +16,12 @@ TRAINER ?= cpu
 RUN_DIR ?= runs/vae_$(VAE)
 BENCH_VAE ?= base
 ARGS    ?=
+DIT     ?= tiny
+DIT_RUN_DIR ?= runs/dit_$(DIT)
+# the stage-1 checkpoint the DiT preset names (configs/dit/*.yaml: vae_checkpoint); override with VAE_CKPT=...
+VAE_CKPT ?= $(shell sed -n 's/^ *vae_checkpoint: *//p' configs/dit/$(DIT).yaml)
 
-.PHONY: help setup test test-all demo data toy-body inspect train-vae bench bench-data bench-vae clean
+.PHONY: help setup test test-all demo data toy-body inspect train-vae train-dit bench bench-data bench-vae clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -66,6 +70,16 @@ train-vae: setup $(if $(filter toy,$(DATA_CFG)),data) ## stage 1: isa4d fit, con
 	  --trainer.default_root_dir=$(RUN_DIR) --trainer.logger.init_args.save_dir=$(RUN_DIR) \
 	  --trainer.callbacks+=isa4d.training.checkpoint.AtomicCheckpoint \
 	  --trainer.callbacks.dirpath=$(RUN_DIR)/checkpoints --trainer.callbacks.save_last=true $(ARGS)
+
+train-dit: setup $(if $(filter toy,$(DATA_CFG)),data) $(VAE_CKPT) ## stage 2: isa4d fit, configs/dit/$(DIT).yaml on the frozen VAE $(VAE_CKPT) (trained first if missing); checkpoint $(DIT_RUN_DIR)/checkpoints/last.ckpt
+	$(ISA4D) fit -c configs/dit/$(DIT).yaml -c configs/data/$(DATA_CFG).yaml -c configs/trainer/$(TRAINER).yaml \
+	  --model.init_args.vae_checkpoint=$(VAE_CKPT) \
+	  --trainer.default_root_dir=$(DIT_RUN_DIR) --trainer.logger.init_args.save_dir=$(DIT_RUN_DIR) \
+	  --trainer.callbacks+=isa4d.training.checkpoint.AtomicCheckpoint \
+	  --trainer.callbacks.dirpath=$(DIT_RUN_DIR)/checkpoints --trainer.callbacks.save_last=true $(ARGS)
+
+runs/vae_%/checkpoints/last.ckpt: # a missing stage-1 checkpoint of a preset: train it (same TRAINER and DATA_CFG)
+	$(MAKE) train-vae VAE=$* ARGS=
 
 bench: bench-data ## every benchmark that runs here
 

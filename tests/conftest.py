@@ -140,3 +140,23 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
         if "multigpu" in item.keywords and gpus < 2:
             item.add_marker(pytest.mark.skip(reason="needs 2 or more CUDA GPUs"))
+
+
+# ------------------------------------------------------------------------------------------ stage-1 stand-in
+
+@pytest.fixture(scope="session")
+def tiny_vae_checkpoint(tmp_path_factory) -> Path:
+    """An untrained VAE of configs/vae/tiny.yaml's architecture, saved as VAEModule saves it (`vae.` weights and
+    `vae_config`): what stage-2 tests load in place of a trained stage 1."""
+    import yaml
+
+    from isa4d.models.vae import CausalVideoVAE
+
+    root = Path(__file__).resolve().parents[1]
+    args = yaml.safe_load((root / "configs/vae/tiny.yaml").read_text())["model"]["init_args"]["vae"]["init_args"]
+    torch.manual_seed(0)
+    vae = CausalVideoVAE(**args)
+    path = tmp_path_factory.mktemp("vae_tiny") / "last.ckpt"
+    torch.save({"state_dict": {f"vae.{k}": v for k, v in vae.state_dict().items()}, "vae_config": vae.config,
+                "global_step": 0}, path)
+    return path

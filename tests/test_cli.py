@@ -35,9 +35,16 @@ def test_configs_are_listed():
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.relative_to(ROOT).as_posix())
-def test_every_config_parses(config, cli_shards, tmp_path):
+def test_every_config_parses(config, cli_shards, tmp_path, tiny_vae_checkpoint, toy_body_dir):
     """Each YAML under configs/ parses through the real CLI together with the probe model and the debug trainer."""
     extra = ["--model.init_args.loss.perceptual=0"] if "vae" in config.parts else []  # no LPIPS weights in CI
+    if "dit" in config.parts:  # a stand-in stage 1 and the toy body; GPU-sized networks built at a CPU width
+        extra += [f"--model.init_args.vae_checkpoint={tiny_vae_checkpoint}",
+                  f"--model.init_args.body_model_dir={toy_body_dir}",
+                  "--model.init_args.network.init_args.hidden_size=64",
+                  "--model.init_args.network.init_args.num_heads=4",
+                  "--model.init_args.network.init_args.depth=2",
+                  "--model.init_args.network.init_args.num_points=64"]
     trainer = (yaml.safe_load(config.read_text()) or {}).get("trainer") or {}
     if trainer.get("accelerator") == "gpu" and not torch.cuda.is_available():  # GPU configs parse; CPU stands in
         extra += ["--trainer.accelerator=cpu", "--trainer.precision=32-true"]

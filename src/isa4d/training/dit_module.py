@@ -1,0 +1,214 @@
+"""Stage 2 training: ISA-DiT with flow matching on the latents of the frozen stage-1 VAE (paper §5).
+
+The LightningModule is glue: batch -> frozen VAE latents and `DiTConditions` -> flow-matching loss -> log.
+Validation reports a deterministic flow-matching loss (fixed times and noise per batch, so curves of different
+runs are comparable, paper Fig. 14) and samples the first validation batches with their own reference, poses,
+cameras and background: ground truth | sample | sample with the conditioning body points, as animated GIFs,
+plus the sample's PSNR against the ground truth.
+
+The VAE is not part of the DiT's checkpoints (it is frozen and has its own file): `on_save_checkpoint` leaves
+its weights out and records where they came from; `on_load_checkpoint` puts the current VAE's weights back.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+from einops import rearrange
+from lightning.pytorch.cli import OptimizerCallable
+from torch import nn
+
+from isa4d.data.batch import Batch
+from isa4d.diffusion.flow import FlowMatching
+from isa4d.diffusion.sampling import SAMPLERS, condition_guidance
+from isa4d.diffusion.schedules import sampling_timesteps, shift_for_tokens
+from isa4d.geometry.camera import project
+from isa4d.models.dit import DiTConditions, ISADiT, PoseConditioner
+from isa4d.models.vae import CausalVideoVAE, load_vae
+from isa4d.parallel import ParallelConfig, configure_parallel
+from isa4d.training.video_logging import draw_points, log_video, video_grid
+
+
+class DiTModule(L.LightningModule):
+    checkpoint_monitor = ("val/loss", "min")  # the best checkpoint (isa4d.training.checkpoint, monitor="model")
+
+    def __init__(
+        self,
+        network: ISADiT,
+        vae_checkpoint: str | None = None,
+        vae_ema: bool = False,
+        body_model_dir: str = "data/body",
+        objective: FlowMatching | None = None,
+        optimizer: OptimizerCallable = lambda p: torch.optim.AdamW(p, lr=1e-4, weight_decay=0.0),
+        warmup_steps: int = 0,
+        gradient_clip: float = 1.0,
+        time_shift: float | None = None,
+        shift_base_tokens: int = 256,
+        max_shift: float = 3.0,
+        latent_sample: bool = True,
+        surface_seed: int = 0,
+        min_points_per_part: int = 2,
+        position_frame: str = "mean",
+        val_timesteps: list[float] = (0.25, 0.5, 0.75),
+        sample_steps: int = 30,
+        sampler: str = "euler",
+        guidance: dict[str, float] | None = None,
+        sample_seed: int = 0,
+        val_sample_batches: int = 1,
+        video_log_count: int = 2,
+        vae: CausalVideoVAE | None = None,
+        image_encoder: nn.Module | None = None,
+        parallel: ParallelConfig = ParallelConfig(),
+    ):
+        """`time_shift` None: SD3's resolution-dependent shift, sqrt(tokens / shift_base_tokens) capped at
+        `max_shift`, for training and sampling alike. `vae_checkpoint`: a stage-1 `.ckpt`, sharded folder or exported `.safetensors`
+        (`vae_ema`: its EMA weights). `vae` (a built model) replaces `vae_checkpoint` in tests."""
+        super().__init__()
+        if (vae is None) == (vae_checkpoint is None):
+            raise ValueError("give exactly one of vae_checkpoint (a stage-1 checkpoint path) and vae (a model)")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
+        self.vae = load_vae(vae_checkpoint, ema=vae_ema) if vae is None else vae.eval().requires_grad_(False)
+        if self.vae.latent_channels != network.latent_channels:
+            raise ValueError(f"the VAE ({vae_checkpoint or 'given'}) has {self.vae.latent_channels} latent "
+                             f"channels but the DiT expects {network.latent_channels}")
+        if network.frames_per_latent != self.vae.temporal_factor:
+            raise ValueError(f"the DiT's frames_per_latent ({network.frames_per_latent}) must equal the VAE's "
+                             f"temporal factor ({self.vae.temporal_factor})")
+        self.vae_checkpoint = vae_checkpoint
+        self.network = network
+        self.conditioner = PoseConditioner(body_model_dir, network.num_points, surface_seed, min_points_per_part,
+                                           self.vae.temporal_factor, self.vae.spatial_factor, network.patch_size,
+                                           position_frame=position_frame)
+        self.image_encoder = image_encoder
+        self.objective = objective or FlowMatching()
+        self.optimizer_fn, self.warmup_steps, self.gradient_clip = optimizer, warmup_steps, gradient_clip
+        self.time_shift, self.shift_base_tokens, self.max_shift = time_shift, shift_base_tokens, max_shift
+        self.latent_sample = latent_sample
+        self.val_timesteps = tuple(val_timesteps)
+        self.sample_steps, self.sampler, self.guidance = sample_steps, sampler, dict(guidance or {})
+        self.sample_seed, self.val_sample_batches, self.video_log_count = sample_seed, val_sample_batches, video_log_count
+        self.parallel = parallel
+
+    def configure_model(self) -> None:
+        """FSDP2 under ModelParallelStrategy: the DiT sharded block by block, the frozen VAE (and image encoder)
+        kept whole, in bf16 on GPUs; under any other strategy nothing."""
+        frozen = [m for m in (self.vae, self.image_encoder) if m is not None]
+        configure_parallel(self, trainable=[self.network], frozen=frozen, config=self.parallel)
+
+    def train(self, mode: bool = True) -> "DiTModule":
+        super().train(mode)
+        self.vae.eval()  # frozen: always in inference mode
+        return self
+
+    # ------------------------------------------------------------------------------------------ conditioning
+
+    def _latent(self, video: torch.Tensor) -> torch.Tensor:
+        """(B, 3, T, H, W) in [-1, 1] -> normalised latent (B, C, T', h, w), float32."""
+        posterior = self.vae.encode(video.to(next(self.vae.parameters()).dtype))  # bf16 when kept frozen on GPU
+        z = posterior.sample() if self.latent_sample and self.training else posterior.mode()
+        return self.vae.normalize_latents(z.float())
+
+    @torch.no_grad()
+    def encode(self, batch: Batch) -> tuple[torch.Tensor, DiTConditions, torch.Tensor]:
+        """(x0 (B, C, T, h, w), conditions, posed points of every video frame (B, P, T_video, V, 3))."""
+        video = rearrange(batch.video, "b t c h w -> b c t h w")
+        H, W = video.shape[-2:]
+        x0 = self._latent(video)
+        ref = self._latent(batch.ref[:, :, None])[:, :, 0]  # (B, C, h, w)
+        bg = None
+        if batch.bg is not None and self.network.background:
+            bg = self._latent(rearrange(batch.bg, "b t c h w -> b c t h w"))
+            bg = bg * batch.has_bg.to(bg.dtype)[:, None, None, None, None]  # no plate: the zero latent
+        geometry, points = self.conditioner(batch.K, batch.w2c, batch.smpl, batch.person_mask, batch.ref_K,
+                                            batch.ref_w2c, batch.ref_smpl, batch.ref_has_camera, H, W, batch.gender)
+        features = self.image_encoder(batch.ref) if self.image_encoder is not None else None
+        return x0, DiTConditions(**geometry, ref_latent=ref, background=bg, ref_features=features), points
+
+    def shift_for(self, shape: torch.Size | tuple[int, ...]) -> float:
+        """The time shift for latents of `shape` (B, C, T, h, w)."""
+        if self.time_shift is not None:
+            return float(self.time_shift)
+        tokens = shape[2] * (shape[3] // self.network.patch_size) * (shape[4] // self.network.patch_size)
+        return shift_for_tokens(tokens, self.shift_base_tokens, 1.0, self.max_shift)
+
+    # ------------------------------------------------------------------------------------------------- steps
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        x0, cond, _ = self.encode(batch)
+        shift = self.shift_for(x0.shape)
+        loss, logs = self.objective.loss(self.network, x0, {"cond": cond}, shift=shift)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
+        self.log_dict({"train/t_mean": logs["t"].mean(), "train/shift": float(shift)}, batch_size=len(batch))
+        return loss
+
+    @torch.no_grad()
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        x0, cond, points = self.encode(batch)
+        B = len(batch)
+        generator = torch.Generator(device=x0.device).manual_seed(self.sample_seed + batch_idx)
+        losses = [self.objective.loss(self.network, x0, {"cond": cond}, generator=generator,
+                                      t=torch.full((B,), t, device=x0.device))[0] for t in self.val_timesteps]
+        self.log("val/loss", torch.stack(losses).mean(), sync_dist=True, batch_size=B)
+        if batch_idx >= self.val_sample_batches:
+            return
+        latent = self.sample(cond, x0.shape, generator)
+        vae_dtype = next(self.vae.parameters()).dtype
+        video = self.vae.decode(self.vae.denormalize_latents(latent).to(vae_dtype)).float().clamp(-1, 1)  # (B, 3, T, H, W)
+        truth = rearrange(batch.video, "b t c h w -> b c t h w")
+        mse = ((video - truth) ** 2).mean(dim=(1, 2, 3, 4))
+        self.log("val/sample_psnr", (10 * torch.log10(4.0 / mse.clamp_min(1e-10))).mean(), sync_dist=True,
+                 batch_size=B)
+        if batch_idx == 0 and self.video_log_count > 0 and self.trainer.is_global_zero:
+            self._log_samples(batch, rearrange(video, "b c t h w -> b t c h w"), points)
+
+    def sample(self, cond: DiTConditions, shape: tuple[int, ...], generator: torch.Generator | None = None,
+               steps: int | None = None, guidance: dict[str, float] | None = None,
+               sampler: str | None = None) -> torch.Tensor:
+        """A normalised latent (B, C, T, h, w) from noise of `generator`: deterministic for a given seed."""
+        device = cond.plucker.device
+        noise = torch.randn(shape, generator=generator, device=device)
+        timesteps = sampling_timesteps(steps or self.sample_steps, self.shift_for(shape), device=device)
+        net_fn = condition_guidance(self.network, self.guidance if guidance is None else guidance, cond=cond)
+        return SAMPLERS[sampler or self.sampler](net_fn, noise, timesteps)
+
+    def _log_samples(self, batch: Batch, video: torch.Tensor, points: torch.Tensor) -> None:
+        """ground truth | sample | sample with the conditioning surface points, one row per clip."""
+        P, V = points.shape[1], points.shape[3]
+        person = torch.arange(P, device=points.device).repeat_interleave(V)  # (P·V,)
+        for i in range(min(self.video_log_count, len(batch))):
+            pts = rearrange(points[i], "p t v c -> t (p v) c")  # (T, P·V, 3)
+            uvz = project(pts, batch.K[i], batch.w2c[i])  # (T, P·V, 3)
+            valid = (uvz[..., 2] > 0) & batch.person_mask[i].repeat_interleave(V)[None]
+            overlay = draw_points(video[i], uvz[..., :2], valid, person)
+            grid = video_grid([batch.video[i], video[i], overlay])
+            log_video(self.logger, f"val/sample_{i}", grid.cpu(), self.global_step)
+
+    # ------------------------------------------------------------------------------------ optimisation, ckpt
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer_fn(params)
+        if self.warmup_steps <= 0:
+            return optimizer
+        warmup = self.warmup_steps
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        clip = gradient_clip_val if gradient_clip_val is not None else self.gradient_clip
+        if clip and clip > 0 and math.isfinite(clip):
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if k.startswith("vae.")]:
+            del state[key]  # frozen, stored in its own checkpoint
+        checkpoint["isa4d"] = {"vae_checkpoint": self.vae_checkpoint, "vae_config": dict(self.vae.config)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("state_dict")
+        if state is not None and not any(k.startswith("vae.") for k in state):
+            state.update({f"vae.{k}": v for k, v in self.vae.state_dict().items()})
