@@ -21,7 +21,7 @@ DIT_RUN_DIR ?= runs/dit_$(DIT)
 # the stage-1 checkpoint the DiT preset names (configs/dit/*.yaml: vae_checkpoint); override with VAE_CKPT=...
 VAE_CKPT ?= $(shell sed -n 's/^ *vae_checkpoint: *//p' configs/dit/$(DIT).yaml)
 
-.PHONY: help setup test test-all demo data toy-body inspect train-vae train-dit bench bench-data bench-vae clean
+.PHONY: help setup test test-all demo data toy-body inspect train-vae train-dit bench bench-data bench-vae bench-dit clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -86,6 +86,9 @@ bench: bench-data ## every benchmark that runs here
 bench-vae: setup ## VAE step and coding throughput (GPU; BENCH_VAE=base), vs diffusers' Wan2.1 VAE if installed; appends to docs/benchmarks.md
 	$(PY) bench/bench_vae.py --preset $(BENCH_VAE) --size 256 --frames 17 --long-frames 33 --chunk 16 \
 	  $(shell $(PY) -c "import diffusers" 2>/dev/null && echo --compare-wan) --record
+
+bench-dit: setup ## ISA-DiT training step by variant (eager, FSDP2, compile, checkpointing) on one GPU; appends to docs/benchmarks.md
+	$(PY) bench/bench_dit.py --preset base --size 256 --frames 33 --batch 2 --people 3 --warmup 3 --repeats 6 --record
 
 bench-data: setup ## loader clips/s per worker for 256x256x33 h264 clips; appends to docs/benchmarks.md
 	$(PY) bench/bench_data.py

@@ -111,13 +111,26 @@ def test_compile_per_unit_keeps_names_and_results(mesh):
     torch.testing.assert_close(_loss(compiled, x), _loss(plain, x), rtol=0, atol=1e-6)
 
 
-def test_configure_parallel_is_a_no_op_without_model_parallel_strategy():
+def test_configure_parallel_without_model_parallel_strategy_only_checkpoints():
+    """One device (no mesh): nothing is sharded, but activation checkpointing per unit still applies (and
+    compile, the same wrapper), with unchanged results."""
     class Plain:
         device_mesh = None
 
+    torch.manual_seed(0)
     vae = tiny_vae()
     assert configure_parallel(Plain(), trainable=[vae]) is False
     assert not any(type(p).__name__ == "DTensor" for p in vae.parameters())
+    checkpointed = copy.deepcopy(vae)
+    configure_parallel(Plain(), trainable=[checkpointed], config=ParallelConfig(activation_checkpointing="full"))
+    configure_parallel(Plain(), trainable=[checkpointed], config=ParallelConfig(activation_checkpointing="full"))
+    calls = []
+    checkpointed.encoder.down[0].block[0].conv1.register_forward_hook(lambda *_: calls.append(1))
+    x = torch.rand(1, 3, 5, 32, 32) * 2 - 1
+    expected, got = _loss(vae, x), _loss(checkpointed, x)
+    got.backward()
+    assert len(calls) == 2  # recomputed once in backward, and wrapped once although configured twice
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="activation_checkpointing"):
         ParallelConfig(activation_checkpointing="some")
 
@@ -151,3 +164,20 @@ def test_strategy_names_missing_and_incomplete_checkpoints(tmp_path):
     (partial / "__0_0.distcp").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="not a complete sharded checkpoint"):
         strategy.load_checkpoint(partial)
+
+
+@pytest.mark.parametrize("ac", ["none", "full"])
+def test_isa_dit_sharded_matches_the_plain_one(mesh, ac):
+    """ISA-DiT under FSDP2 (its blocks are the units): same velocity and gradients as the plain network."""
+    from test_dit_model import random_conditions, randomize_gates, tiny_net
+
+    plain = randomize_gates(tiny_net())
+    sharded = parallelize(copy.deepcopy(plain), device_mesh=mesh, activation_checkpointing=ac)
+    cond, x, t = random_conditions(), torch.randn(2, 8, 2, 4, 4), torch.rand(2)
+    expected, got = plain(x, t, cond), sharded(x, t, cond)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    expected.square().mean().backward()
+    got.square().mean().backward()
+    grads = dict(sharded.named_parameters())
+    for name, p in plain.named_parameters():
+        torch.testing.assert_close(grads[name].grad.full_tensor(), p.grad, rtol=1e-5, atol=1e-7, msg=name)

@@ -3,6 +3,7 @@ checkpoints it. Model code only declares its wrap units (`fsdp_units`, `fsdp_for
 
 from isa4d.parallel.fsdp import (
     ParallelConfig,
+    checkpoint_and_compile,
     configure_parallel,
     data_parallel_mesh,
     keep_frozen,
@@ -16,6 +17,7 @@ from isa4d.parallel.strategy import FSDP2Strategy
 __all__ = [
     "FSDP2Strategy",
     "ParallelConfig",
+    "checkpoint_and_compile",
     "configure_parallel",
     "data_parallel_mesh",
     "keep_frozen",

@@ -110,6 +110,28 @@ def keep_frozen(module: nn.Module, *, device_mesh: DeviceMesh | None = None,
     return module
 
 
+def checkpoint_and_compile(units: Sequence[nn.Module], activation_checkpointing: ActivationCheckpointing = "none",
+                           compile: bool = False, compile_options: dict[str, Any] | None = None) -> None:
+    """Steps 1-2 on the units that hold no other unit, in place: their `forward` becomes
+    compile(checkpoint(forward)). With FSDP (`parallelize`) or without it (one device, `configure_parallel`)."""
+    unit_ids = {id(u) for u in units}
+    leaves = [u for u in units if not any(id(m) in unit_ids for m in u.modules() if m is not u)]
+    if activation_checkpointing == "none" and not compile:
+        return
+    for unit in leaves:  # a unit holding other units is only sharded: its inner units' FSDP hooks must not
+        if getattr(unit, "_isa4d_wrapped", False):  # run inside a compiled or recomputed region
+            continue  # Lightning may call configure_model twice
+        forward = unit.forward
+        if activation_checkpointing != "none":  # 1.
+            extra = {"context_fn": partial(create_selective_checkpoint_contexts, _selective_policy)} \
+                if activation_checkpointing == "selective" else {}
+            forward = partial(checkpoint, forward, use_reentrant=False, **extra)
+        if compile:  # 2.
+            forward = torch.compile(forward, **(compile_options or {}))
+        unit.forward = forward
+        unit._isa4d_wrapped = True
+
+
 def parallelize(module: nn.Module, *, device_mesh: DeviceMesh,
                 activation_checkpointing: ActivationCheckpointing = "none", compile: bool = False, mixed_precision: Precision = "auto", reshard_after_forward: bool = True,
                 frozen: Sequence[nn.Module] = (), compile_options: dict[str, Any] | None = None) -> nn.Module:
@@ -126,18 +148,7 @@ def parallelize(module: nn.Module, *, device_mesh: DeviceMesh,
                for p in keep_frozen(m, device_mesh=mesh, mixed_precision=mixed_precision).parameters()}
     units = [u for u in wrap_units(module) if any(p not in ignored for p in u.parameters())]
 
-    unit_ids = {id(u) for u in units}
-    leaves = [u for u in units if not any(id(m) in unit_ids for m in u.modules() if m is not u)]
-    for unit in leaves:  # a unit holding other units is only sharded: its inner units' FSDP hooks must not
-        forward = unit.forward  # run inside a compiled or recomputed region
-        if activation_checkpointing != "none":  # 1.
-            extra = {"context_fn": partial(create_selective_checkpoint_contexts, _selective_policy)} \
-                if activation_checkpointing == "selective" else {}
-            forward = partial(checkpoint, forward, use_reentrant=False, **extra)
-        if compile:  # 2.
-            forward = torch.compile(forward, **(compile_options or {}))
-        if forward is not unit.forward:
-            unit.forward = forward
+    checkpoint_and_compile(units, activation_checkpointing, compile, compile_options)
     bf16 = resolve_precision(mixed_precision, mesh) == "bf16"
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
         else MixedPrecisionPolicy()
@@ -158,15 +169,18 @@ def configure_parallel(pl_module: Any, *, trainable: Sequence[nn.Module], frozen
                        config: ParallelConfig | None = None) -> bool:
     """The body of a LightningModule's `configure_model`: parallelise each trainable model (its own FSDP root) and
     keep the frozen ones unsharded, when the strategy is ModelParallelStrategy (`pl_module.device_mesh` set).
-    Returns whether it did anything; under any other strategy it is a no-op.
+    Under any other strategy (one device, DDP) only activation checkpointing and compile apply, per unit.
+    Returns whether it sharded anything.
 
         def configure_model(self):
             configure_parallel(self, trainable=[self.dit], frozen=[self.vae], config=self.parallel)
     """
     mesh = getattr(pl_module, "device_mesh", None)
-    if mesh is None:
-        return False
     config = config or ParallelConfig()
+    if mesh is None:
+        for m in trainable:
+            checkpoint_and_compile(wrap_units(m), config.activation_checkpointing, config.compile)
+        return False
     for m in frozen:
         keep_frozen(m, device_mesh=data_parallel_mesh(mesh), mixed_precision=config.mixed_precision)
     for m in trainable:

@@ -122,8 +122,10 @@ class DiTModule(L.LightningModule):
         if batch.bg is not None and self.network.background:
             bg = self._latent(rearrange(batch.bg, "b t c h w -> b c t h w"))
             bg = bg * batch.has_bg.to(bg.dtype)[:, None, None, None, None]  # no plate: the zero latent
-        geometry, points = self.conditioner(batch.K, batch.w2c, batch.smpl, batch.person_mask, batch.ref_K,
-                                            batch.ref_w2c, batch.ref_smpl, batch.ref_has_camera, H, W, batch.gender)
+        with torch.autocast(video.device.type, enabled=False):  # geometry in fp32 (matrix inverses, projection)
+            geometry, points = self.conditioner(batch.K.float(), batch.w2c.float(), batch.smpl, batch.person_mask,
+                                                batch.ref_K.float(), batch.ref_w2c.float(), batch.ref_smpl,
+                                                batch.ref_has_camera, H, W, batch.gender)
         features = self.image_encoder(batch.ref) if self.image_encoder is not None else None
         return x0, DiTConditions(**geometry, ref_latent=ref, background=bg, ref_features=features), points
 
