@@ -143,3 +143,15 @@ def test_tiny_dit_config_fits_samples_and_resumes_through_the_cli(tiny_vae_check
     assert any(not torch.equal(before[k], after[k]) for k in before)  # training went on from the checkpoint
     vae = load_vae(tiny_vae_checkpoint)
     assert all(torch.equal(v, vae.state_dict()[k]) for k, v in resumed.model.vae.state_dict().items())
+
+
+def test_encode_keeps_geometry_in_fp32_under_autocast(tiny_vae_checkpoint, toy_body_dir, toy_batch):
+    """bf16 autocast (the GPU trainer's precision) must not reach the camera maths: matrix inverses refuse bf16 and
+    NDC would lose its fine positions."""
+    module = tiny_module(tiny_vae_checkpoint, toy_body_dir).eval()
+    reference = module.encode(toy_batch)[1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, cond, _ = module.encode(toy_batch)
+    assert cond.plucker.dtype == torch.float32 and cond.points_ndc.dtype == torch.float32
+    torch.testing.assert_close(cond.points_ndc, reference.points_ndc)
+    torch.testing.assert_close(cond.plucker, reference.plucker)
