@@ -13,7 +13,7 @@ from isa4d.geometry.ndc import sinusoidal_embedding, token_grid_ndc
 from isa4d.models.dit import DiTConditions, ISADiT
 from isa4d.models.dit.attention import SelfAttention, apply_rope, grid_positions, rope_frequencies
 from isa4d.models.dit.embeddings import ConditionDropout, patchify, unpatchify
-from isa4d.models.dit.isa import ISPE, InterspatialAttention
+from isa4d.models.dit.isa import ISPE, InterspatialAttention, ispe_code
 
 C, F = 8, 4  # latent channels, video frames per latent frame
 
@@ -94,20 +94,23 @@ def test_ispe_codes_tokens_and_points_in_one_space():
     ispe = ISPE(16, num_freqs=4)
     grid = token_grid_ndc(3, 5)  # (15, 3)
     point = grid[7].clone()
-    assert torch.allclose(ispe(point[None]), ispe(grid)[7:8])
+    assert torch.allclose(ispe(ispe_code(point[None], 4)), ispe(ispe_code(grid, 4))[7:8])
     x = torch.tensor([[0.3, -0.5, 0.9]])
     freqs = torch.pi * 2.0 ** torch.arange(4)  # period 2 at the lowest frequency, octaves above
     manual = torch.cat([torch.cat([(c * freqs).sin(), (c * freqs).cos()]) for c in x[0]])[None]  # per coordinate
     assert torch.allclose(sinusoidal_embedding(x, 4), manual, atol=1e-6)
-    assert torch.allclose(ispe(x), manual @ ispe.proj.weight.T + ispe.proj.bias, atol=1e-6)
+    assert torch.allclose(ispe_code(x, 4), manual, atol=1e-6)
+    assert torch.allclose(ispe(ispe_code(x, 4)), manual @ ispe.proj.weight.T + ispe.proj.bias, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------- interspatial attention
 
 
 def _isa(use_ispe=True, seed=0):
+    """The ISA layer as a function of NDC (the network passes their codes, computed once per forward)."""
     torch.manual_seed(seed)
-    return InterspatialAttention(32, 2, use_ispe=use_ispe, ispe_freqs=3)
+    isa = InterspatialAttention(32, 2, use_ispe=use_ispe, ispe_freqs=3)
+    return lambda z, y, z_ndc, y_ndc, mask: isa(z, y, ispe_code(z_ndc, 3), ispe_code(y_ndc, 3), mask)
 
 
 def test_isa_is_equivariant_to_token_order():

@@ -43,8 +43,8 @@ class BlockInputs:
 
     spatial_rope: torch.Tensor  # (N, head_dim / 2) rotary angles of the token grid
     temporal_rope: torch.Tensor  # (T, head_dim / 2) rotary angles of the latent frames
-    z_ndc: torch.Tensor  # (N, 3) NDC of the video tokens (z = 0)
-    y_ndc: torch.Tensor  # (B, T, M, 3) NDC of the 3D tokens
+    z_code: torch.Tensor  # (N, C) ISPE sinusoids of the video tokens' NDC (z = 0), fp32
+    y_code: torch.Tensor  # (B, T, M, C) ISPE sinusoids of the 3D tokens' NDC, fp32
     y_mask: torch.Tensor  # (B, T, M) bool, real and visible 3D tokens (and pose not dropped)
     camera: torch.Tensor | None  # (B, T, N, D) Plücker tokens
     ref: torch.Tensor | None  # (B, R, D) reference tokens
@@ -107,7 +107,7 @@ class ISADiTBlock(nn.Module):
         hz = rearrange(pre("video_isa", z), "b t n d -> (b t) n d")
         hy = rearrange(pre("point_isa", y), "b t m d -> (b t) m d") if self.update_points else \
             rearrange(self.norms["point_temporal"](y), "b t m d -> (b t) m d")
-        dz, dy = self.isa(hz, hy, inputs.z_ndc, rearrange(inputs.y_ndc, "b t m c -> (b t) m c"),
+        dz, dy = self.isa(hz, hy, inputs.z_code, rearrange(inputs.y_code, "b t m c -> (b t) m c"),
                           rearrange(inputs.y_mask, "b t m -> (b t) m"))
         z = z + gated(rearrange(dz, "(b t) n d -> b t n d", b=B), mod["video_isa"][2])  # (B, T, N, D)
         z = z + gated(self.video_mlp(pre("video_mlp", z)), mod["video_mlp"][2])

@@ -26,8 +26,14 @@ from isa4d.geometry.ndc import sinusoidal_embedding
 from isa4d.models.dit.attention import CrossAttention
 
 
+def ispe_code(ndc: torch.Tensor, num_freqs: int) -> torch.Tensor:
+    """NDC (..., 3) -> the sinusoids ISPE maps, (..., 6·num_freqs), in fp32 (bf16 would blur the high
+    frequencies). The same for every block, so `ISADiT` computes it once per forward."""
+    return sinusoidal_embedding(ndc.float(), num_freqs)
+
+
 class ISPE(nn.Module):
-    """NDC (..., 3) -> positional code (..., D): NeRF-style sinusoids (period 2 at the lowest of `num_freqs`) then a
+    """Sinusoidal NDC code (`ispe_code`, period 2 at the lowest of `num_freqs`) -> positional code (..., D) by a
     linear map. One instance serves both token kinds of an ISA layer."""
 
     def __init__(self, dim: int, num_freqs: int = 8):
@@ -35,16 +41,16 @@ class ISPE(nn.Module):
         self.num_freqs = num_freqs
         self.proj = nn.Linear(3 * 2 * num_freqs, dim)
 
-    def forward(self, ndc: torch.Tensor) -> torch.Tensor:
-        code = sinusoidal_embedding(ndc.float(), self.num_freqs)  # in fp32: bf16 would blur the high frequencies
+    def forward(self, code: torch.Tensor) -> torch.Tensor:
         return self.proj(code.to(self.proj.weight.dtype))
 
 
 class InterspatialAttention(nn.Module):
     """Symmetric per-frame cross-attention between video tokens and 3D tokens, with ISPE.
 
-    `forward(z, y, z_ndc, y_ndc, y_mask)` with z (F, N, D) video tokens and y (F, M, D) body tokens of F frames
-    (normalised and modulated by the caller), z_ndc (N, 3) or (F, N, 3), y_ndc (F, M, 3), y_mask (F, M) bool
+    `forward(z, y, z_code, y_code, y_mask)` with z (F, N, D) video tokens and y (F, M, D) body tokens of F frames
+    (normalised and modulated by the caller), their NDC codes (`ispe_code`) z_code (N, C) or (F, N, C) and
+    y_code (F, M, C), y_mask (F, M) bool
     (True = a real, visible point). Returns (dz (F, N, D), dy (F, M, D) or None); the caller adds them as
     residuals. Both directions read the inputs as given, so neither sees the other's update.
     """
@@ -59,12 +65,12 @@ class InterspatialAttention(nn.Module):
         self.null = nn.Parameter(torch.zeros(1, 1, dim))
         nn.init.normal_(self.null, std=0.02)
 
-    def forward(self, z: torch.Tensor, y: torch.Tensor, z_ndc: torch.Tensor, y_ndc: torch.Tensor,
+    def forward(self, z: torch.Tensor, y: torch.Tensor, z_code: torch.Tensor, y_code: torch.Tensor,
                 y_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         F_ = z.shape[0]
         if self.ispe is not None:
-            z = z + self.ispe(z_ndc)  # (F, N, D): the code broadcasts over frames when z_ndc is (N, 3)
-            y = y + self.ispe(y_ndc)  # (F, M, D)
+            z = z + self.ispe(z_code)  # (F, N, D): the code broadcasts over frames when z_code is (N, C)
+            y = y + self.ispe(y_code)  # (F, M, D)
         keys = torch.cat([y, self.null.to(y.dtype).expand(F_, 1, -1)], dim=1)  # (F, M + 1, D)
         keep = torch.cat([y_mask, y_mask.new_ones(F_, 1)], dim=1)  # (F, M + 1)
         dz = self.video_reads_body(z, keys, keep)  # (F, N, D)

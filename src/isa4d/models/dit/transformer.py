@@ -24,6 +24,7 @@ from isa4d.models.dit.attention import grid_positions, rope_frequencies
 from isa4d.models.dit.blocks import BlockInputs, FinalLayer, ISADiTBlock
 from isa4d.models.dit.conditions import DiTConditions
 from isa4d.models.dit.embeddings import ConditionDropout, PatchEmbed, PointEmbedder, TimestepEmbedder, unpatchify
+from isa4d.models.dit.isa import ispe_code
 
 
 class ISADiT(nn.Module):
@@ -167,8 +168,8 @@ class ISADiT(nn.Module):
             spatial_rope=rope_frequencies(grid_positions(gh, gw, device=x.device),
                                           (self.head_dim // 2, self.head_dim // 2), self.rope_theta),
             temporal_rope=rope_frequencies(grid_positions(T, device=x.device), (self.head_dim,), self.rope_theta),
-            z_ndc=token_grid_ndc(gh, gw, device=x.device),  # (N, 3), fp32
-            y_ndc=rearrange(cond.points_ndc, "b p t v c -> b t (p v) c").float(),
+            z_code=ispe_code(token_grid_ndc(gh, gw, device=x.device), self.ispe_freqs),  # (N, C)
+            y_code=ispe_code(rearrange(cond.points_ndc, "b p t v c -> b t (p v) c"), self.ispe_freqs),
             y_mask=y_mask,
             camera=self._camera(cond, drop["camera"]),
             ref=self._ref(cond, drop["ref"]),
