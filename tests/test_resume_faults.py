@@ -167,7 +167,8 @@ def test_wrong_nested_key_and_missing_paths_are_named(shards, tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match=r"data\.val_urls: 1 of 1 shards do not exist.*gone\.tar"):
         run_cli([*base, f"--data.init_args.train_urls={shards}", f"--data.init_args.val_urls={tmp_path}/gone.tar"])
     with pytest.raises(FileNotFoundError, match="missing.ckpt"):
-        run_cli([*base, f"--data.init_args.train_urls={shards}", f"--ckpt_path={tmp_path}/missing.ckpt"])
+        run_cli([*base, f"--data.init_args.train_urls={shards}", f"--data.init_args.val_urls={shards}",
+                 f"--ckpt_path={tmp_path}/missing.ckpt"])
 
 
 def test_nonfinite_gradients_are_dropped_under_automatic_optimisation(tmp_path):
