@@ -21,12 +21,11 @@ import datetime
 import json
 import os
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
 import yaml
+from bench_vae import timed  # bench/ is the script's folder, so it is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("eager", "fsdp", "fsdp+compile", "fsdp+selective", "fsdp+full+compile")
@@ -48,17 +47,6 @@ def conditions(B: int, P: int, T: int, V: int, h: int, w: int, C: int, F: int, d
         person_mask=torch.ones(B, P, dtype=torch.bool, device=device), plucker=r(B, T, 6 * F, h, w),
         ref_latent=r(B, C, h, w), ref_points_ndc=(torch.rand(B, P, V, 2, generator=g) * 2 - 1).to(device),
         ref_points_valid=torch.ones(B, P, V, dtype=torch.bool, device=device), background=r(B, C, T, h, w))
-
-
-def timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def run_variant(variant: str, a: argparse.Namespace, mesh, device: torch.device) -> dict:
@@ -89,7 +77,7 @@ def run_variant(variant: str, a: argparse.Namespace, mesh, device: torch.device)
         step()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    t = timed(step, a.repeats)
+    t = timed(step, device, a.repeats)
     peak = torch.cuda.max_memory_allocated() / 2**30
     tokens = a.batch * T * (h // net.patch_size) * (w // net.patch_size)
     out = {"variant": variant, "ms": t * 1e3, "video_tokens_per_s": tokens / t, "peak_gib": peak,

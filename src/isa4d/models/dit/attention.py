@@ -52,19 +52,28 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return rearrange(out, "b h l d -> b l (h d)")
 
 
-class SelfAttention(nn.Module):
-    """Multi-head self-attention with QK-norm and optional rotary positions; x (B, L, D) -> (B, L, D)."""
+class _Heads(nn.Module):
+    """What both attentions share: the head split, per-head QK-norm (RMSNorm or none) and the output map.
+    `inputs` are the input projections, registered first (so parameter order and initialisation follow it)."""
 
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, **inputs: nn.Module):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
+        for name, module in inputs.items():
+            setattr(self, name, module)
         self.num_heads = num_heads
         head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
         self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
+
+
+class SelfAttention(_Heads):
+    """Multi-head self-attention with QK-norm and optional rotary positions; x (B, L, D) -> (B, L, D)."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True):
+        super().__init__(dim, num_heads, qk_norm, qkv=nn.Linear(dim, 3 * dim))
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -75,23 +84,14 @@ class SelfAttention(nn.Module):
         return self.proj(attention(q, k, v, mask))  # (B, L, D)
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_Heads):
     """Multi-head cross-attention with QK-norm: queries x (B, Lq, D) read context (B, Lk, D) -> (B, Lq, D).
 
     `mask` (B, Lk) bool marks the keys that may be attended; every query must have at least one.
     """
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool = True):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        head_dim = dim // num_heads
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * dim)
-        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.proj = nn.Linear(dim, dim)
+        super().__init__(dim, num_heads, qk_norm, q=nn.Linear(dim, dim), kv=nn.Linear(dim, 2 * dim))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         q = rearrange(self.q(x), "b l (h d) -> b h l d", h=self.num_heads)
