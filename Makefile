@@ -21,7 +21,7 @@ DIT_RUN_DIR ?= runs/dit_$(DIT)
 # the stage-1 checkpoint the DiT preset names (configs/dit/*.yaml: vae_checkpoint); override with VAE_CKPT=...
 VAE_CKPT ?= $(shell sed -n 's/^ *vae_checkpoint: *//p' configs/dit/$(DIT).yaml)
 
-.PHONY: help setup test test-all demo data toy-body inspect train-vae train-dit bench bench-data bench-vae bench-dit clean
+.PHONY: help setup test test-all demo data toy-body inspect train-vae train-dit eval bench bench-data bench-vae bench-dit clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -77,6 +77,22 @@ train-dit: setup $(if $(filter toy,$(DATA_CFG)),data) $(VAE_CKPT) ## stage 2: is
 	  --trainer.default_root_dir=$(DIT_RUN_DIR) --trainer.logger.init_args.save_dir=$(DIT_RUN_DIR) \
 	  --trainer.callbacks+=isa4d.training.checkpoint.AtomicCheckpoint \
 	  --trainer.callbacks.dirpath=$(DIT_RUN_DIR)/checkpoints --trainer.callbacks.save_last=true $(ARGS)
+
+EVAL_DIR ?= runs/eval
+
+eval: setup $(if $(filter toy,$(DATA_CFG)),data) $(RUN_DIR)/checkpoints/last.ckpt $(DIT_RUN_DIR)/checkpoints/last.ckpt ## isa4d test of both stages' last checkpoints on the validation set: TensorBoard + $(EVAL_DIR)/*.json
+	$(ISA4D) test -c configs/vae/$(VAE).yaml -c configs/data/$(DATA_CFG).yaml -c configs/trainer/$(TRAINER).yaml \
+	  --ckpt_path=$(RUN_DIR)/checkpoints/last.ckpt --metrics_json=$(EVAL_DIR)/vae_$(VAE).json \
+	  --trainer.default_root_dir=$(EVAL_DIR) --trainer.logger.init_args.save_dir=$(EVAL_DIR) \
+	  --trainer.logger.init_args.name=vae_$(VAE) $(ARGS)
+	$(ISA4D) test -c configs/dit/$(DIT).yaml -c configs/data/$(DATA_CFG).yaml -c configs/trainer/$(TRAINER).yaml \
+	  --model.init_args.vae_checkpoint=$(VAE_CKPT) --ckpt_path=$(DIT_RUN_DIR)/checkpoints/last.ckpt \
+	  --metrics_json=$(EVAL_DIR)/dit_$(DIT).json --trainer.default_root_dir=$(EVAL_DIR) \
+	  --trainer.logger.init_args.save_dir=$(EVAL_DIR) --trainer.logger.init_args.name=dit_$(DIT) $(ARGS)
+	@echo "eval done: $(EVAL_DIR)/vae_$(VAE).json, $(EVAL_DIR)/dit_$(DIT).json; TensorBoard: tensorboard --logdir $(EVAL_DIR)"
+
+runs/dit_%/checkpoints/last.ckpt: # a missing stage-2 checkpoint of a preset: train it
+	$(MAKE) train-dit DIT=$* ARGS=
 
 runs/vae_%/checkpoints/last.ckpt: # a missing stage-1 checkpoint of a preset: train it (same TRAINER and DATA_CFG)
 	$(MAKE) train-vae VAE=$* ARGS=

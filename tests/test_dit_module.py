@@ -3,6 +3,7 @@ the module learns one batch, and configs/dit/tiny.yaml fits, validates, samples 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -124,7 +125,8 @@ def test_tiny_dit_config_fits_samples_and_resumes_through_the_cli(tiny_vae_check
     ]
     cli = run_cli(["fit", *args, "--trainer.max_steps=3"])
     metrics = cli.trainer.logged_metrics
-    assert cli.trainer.global_step == 3 and {"train/loss", "val/loss", "val/sample_psnr"} <= set(metrics)
+    assert cli.trainer.global_step == 3
+    assert {"train/loss", "val/loss", "val/psnr", "val/part_appearance", "val/pose_iou"} <= set(metrics)
     last = tmp_path / "ckpt/last.ckpt"
     state = torch.load(last, map_location="cpu", weights_only=False)
     assert not any(k.startswith("vae.") for k in state["state_dict"])  # the frozen VAE has its own file
@@ -138,6 +140,14 @@ def test_tiny_dit_config_fits_samples_and_resumes_through_the_cli(tiny_vae_check
 
     resumed = run_cli(["fit", *args, "--trainer.max_steps=5", f"--ckpt_path={last}"])
     assert resumed.trainer.global_step == 5
+
+    run_cli(["test", *args, f"--ckpt_path={last}", f"--metrics_json={tmp_path}/dit.json"])  # samples every batch
+    record = json.loads((tmp_path / "dit.json").read_text())
+    m = record["metrics"]
+    assert record["checkpoint_step"] == 5 and record["model"] == "DiTModule"
+    assert {"test/loss", "test/psnr", "test/ssim", "test/part_appearance", "test/pose_iou",
+            "test/fvd_num_short_clips"} <= set(m), sorted(m)
+    assert m["test/pose_iou_num_frames"] == 9 and 0 <= m["test/pose_iou"] <= 1  # the one 9-frame val clip
     before = {k: v for k, v in state["state_dict"].items() if k.startswith("network.")}
     after = resumed.model.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)  # training went on from the checkpoint

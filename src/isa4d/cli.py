@@ -3,6 +3,10 @@
     isa4d fit -c configs/vae/tiny.yaml [-c more.yaml] [--key value ...]
     isa4d data inspect 'data/toy/train-{000000..000003}.tar'
     isa4d export runs/vae_tiny/checkpoints/last.ckpt vae.safetensors [--ema] [--submodule vae]
+    isa4d test -c configs/dit/tiny.yaml -c configs/data/toy.yaml --ckpt_path CKPT [--metrics_json PATH]
+
+`validate` and `test` log their metrics to TensorBoard and write them to a JSON file (`--metrics_json`, by default
+`metrics_<subcommand>.json` in the run's log directory).
 
 Configs are YAML with class_path/init_args. `parser_mode="omegaconf+"` resolves `${...}` interpolation after all
 `-c` files and overrides are merged, so a later override flows into earlier interpolations; under a subcommand use
@@ -11,7 +15,11 @@ relative keys (e.g. `${..data.init_args.buckets}`).
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import sys
+import time
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
@@ -23,6 +31,38 @@ SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 class ISA4DCLI(LightningCLI):
     """LightningCLI with the project's defaults; models and datamodules come from the config's class_path."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--metrics_json", type=str | None, default=None,
+                            help="validate/test: write the metrics here (default: <log_dir>/metrics_<subcommand>.json)")
+
+    def after_validate(self) -> None:
+        self._write_metrics("validate")
+
+    def after_test(self) -> None:
+        self._write_metrics("test")
+
+    def _write_metrics(self, subcommand: str) -> None:
+        trainer = self.trainer
+        if not trainer.is_global_zero:
+            return
+        config = self.config[subcommand]
+        path = config.get("metrics_json") or os.path.join(trainer.log_dir or trainer.default_root_dir,
+                                                          f"metrics_{subcommand}.json")
+        metrics = {k: float(v) for k, v in sorted(trainer.callback_metrics.items())}
+        record = {
+            "subcommand": subcommand,
+            "checkpoint": config.get("ckpt_path"),
+            "checkpoint_step": getattr(self.model, "loaded_step", None),
+            "model": type(self.model).__name__,
+            "world_size": trainer.world_size,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "metrics": {k: (v if math.isfinite(v) else None) for k, v in metrics.items()},  # JSON has no NaN
+        }
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(record, f, indent=1)
+        print(f"isa4d {subcommand}: {len(metrics)} metrics written to {path}")
 
 
 def run_cli(args: list[str] | None = None, run: bool = True) -> ISA4DCLI:

@@ -118,7 +118,12 @@ class FVD(NetworkMetric):
         (self.real_features if real else self.fake_features).append(features.double())
 
     def compute(self) -> dict[str, torch.Tensor]:
-        real, fake = dim_zero_cat(self.real_features), dim_zero_cat(self.fake_features)
+        real, fake = (dim_zero_cat(f) if len(f) else torch.zeros(0, 0, dtype=torch.float64)
+                      for f in (self.real_features, self.fake_features))
+        if min(real.shape[0], fake.shape[0]) < 2:  # no covariance from fewer than 2 clips a side: NaN, with N
+            nan = torch.tensor(float("nan"), dtype=torch.float64)
+            out = {"fvd": nan, "num_real": torch.tensor(real.shape[0]), "num_fake": torch.tensor(fake.shape[0])}
+            return {**out, "fvd_low": nan, "fvd_high": nan} if self.bootstrap_samples else out
         out = {"fvd": frechet_distance_features(real, fake),
                "num_real": torch.tensor(real.shape[0]), "num_fake": torch.tensor(fake.shape[0])}
         if self.bootstrap_samples:

@@ -3,8 +3,9 @@
 The LightningModule is glue: batch -> frozen VAE latents and `DiTConditions` -> flow-matching loss -> log.
 Validation reports a deterministic flow-matching loss (fixed times and noise per batch, so curves of different
 runs are comparable, paper Fig. 14) and samples the first validation batches with their own reference, poses,
-cameras and background: ground truth | sample | sample with the conditioning body points, as animated GIFs,
-plus the sample's PSNR against the ground truth.
+cameras and background: ground truth | sample | sample with the conditioning body points, as animated GIFs, and
+the `evaluation` metrics of the samples (FVD, body-part appearance, pose IoU, PSNR, SSIM by default).
+`isa4d test` samples and scores every batch.
 
 The VAE is not part of the DiT's checkpoints (it is frozen and has its own file): `on_save_checkpoint` leaves
 its weights out and records where they came from; `on_load_checkpoint` puts the current VAE's weights back.
@@ -28,7 +29,11 @@ from isa4d.geometry.camera import project
 from isa4d.models.dit import DiTConditions, ISADiT, PoseConditioner
 from isa4d.models.vae import CausalVideoVAE, load_vae
 from isa4d.parallel import ParallelConfig, configure_parallel
+from isa4d.training.evaluation import VideoEvaluation
 from isa4d.training.video_logging import draw_points, log_video, video_grid
+
+
+DIT_METRICS = ("psnr", "ssim", "fvd", "part_appearance", "pose_iou")
 
 
 class DiTModule(L.LightningModule):
@@ -60,11 +65,13 @@ class DiTModule(L.LightningModule):
         video_log_count: int = 2,
         vae: CausalVideoVAE | None = None,
         image_encoder: nn.Module | None = None,
+        evaluation: VideoEvaluation | None = None,
         parallel: ParallelConfig = ParallelConfig(),
     ):
         """`time_shift` None: SD3's resolution-dependent shift, sqrt(tokens / shift_base_tokens) capped at
         `max_shift`, for training and sampling alike. `vae_checkpoint`: a stage-1 `.ckpt`, sharded folder or exported `.safetensors`
-        (`vae_ema`: its EMA weights). `vae` (a built model) replaces `vae_checkpoint` in tests."""
+        (`vae_ema`: its EMA weights). `vae` (a built model) replaces `vae_checkpoint` in tests. `evaluation`: the
+        metrics of sampled batches, by default `DIT_METRICS`."""
         super().__init__()
         if (vae is None) == (vae_checkpoint is None):
             raise ValueError("give exactly one of vae_checkpoint (a stage-1 checkpoint path) and vae (a model)")
@@ -90,6 +97,7 @@ class DiTModule(L.LightningModule):
         self.val_timesteps = tuple(val_timesteps)
         self.sample_steps, self.sampler, self.guidance = sample_steps, sampler, dict(guidance or {})
         self.sample_seed, self.val_sample_batches, self.video_log_count = sample_seed, val_sample_batches, video_log_count
+        self.evaluation = evaluation if evaluation is not None else VideoEvaluation(DIT_METRICS)
         self.parallel = parallel
 
     def configure_model(self) -> None:
@@ -147,24 +155,46 @@ class DiTModule(L.LightningModule):
         return loss
 
     @torch.no_grad()
-    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+    def validation_step(self, batch: Batch, batch_idx: int, stage: str = "val") -> None:
         x0, cond, points = self.encode(batch)
         B = len(batch)
         generator = torch.Generator(device=x0.device).manual_seed(self.sample_seed + batch_idx)
         losses = [self.objective.loss(self.network, x0, {"cond": cond}, generator=generator,
                                       t=torch.full((B,), t, device=x0.device))[0] for t in self.val_timesteps]
-        self.log("val/loss", torch.stack(losses).mean(), sync_dist=True, batch_size=B)
-        if batch_idx >= self.val_sample_batches:
+        self.log(f"{stage}/loss", torch.stack(losses).mean(), sync_dist=True, batch_size=B)
+        if stage == "val" and batch_idx >= self.val_sample_batches:
             return
         latent = self.sample(cond, x0.shape, generator)
         vae_dtype = next(self.vae.parameters()).dtype
-        video = self.vae.decode(self.vae.denormalize_latents(latent).to(vae_dtype)).float().clamp(-1, 1)  # (B, 3, T, H, W)
-        truth = rearrange(batch.video, "b t c h w -> b c t h w")
-        mse = ((video - truth) ** 2).mean(dim=(1, 2, 3, 4))
-        self.log("val/sample_psnr", (10 * torch.log10(4.0 / mse.clamp_min(1e-10))).mean(), sync_dist=True,
-                 batch_size=B)
+        video = self.vae.decode(self.vae.denormalize_latents(latent).to(vae_dtype)).float().clamp(-1, 1)
+        video = rearrange(video, "b c t h w -> b t c h w")  # (B, T, 3, H, W)
+        self._score(batch, video)
         if batch_idx == 0 and self.video_log_count > 0 and self.trainer.is_global_zero:
-            self._log_samples(batch, rearrange(video, "b c t h w -> b t c h w"), points)
+            self._log_samples(batch, video, points, stage)
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx, stage="test")
+
+    def _score(self, batch: Batch, video: torch.Tensor) -> None:
+        """Update the metrics with a sampled video (B, T, 3, H, W); the body meshes when a metric renders them."""
+        if not self.evaluation.needs_bodies:
+            self.evaluation.update(batch, video)
+            return
+        c, body = self.conditioner, self.conditioner.bodies["neutral"]
+        with torch.autocast(video.device.type, enabled=False):
+            vertices = c.mesh(batch.smpl.betas, batch.smpl.global_orient, batch.smpl.body_pose, batch.smpl.transl,
+                              batch.gender)  # (B, P, T, V, 3)
+            ref = batch.ref_smpl
+            ref_vertices = c.mesh(ref.betas, ref.global_orient, ref.body_pose, ref.transl, batch.gender)
+        self.evaluation.update(batch, video, vertices, ref_vertices, body.faces, body.part_ids)
+
+    def on_validation_epoch_end(self, stage: str = "val") -> None:
+        metrics = self.evaluation.compute()
+        self.evaluation.reset()
+        self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()})
+
+    def on_test_epoch_end(self) -> None:
+        self.on_validation_epoch_end(stage="test")
 
     def sample(self, cond: DiTConditions, shape: tuple[int, ...], generator: torch.Generator | None = None,
                steps: int | None = None, guidance: dict[str, float] | None = None,
@@ -176,7 +206,7 @@ class DiTModule(L.LightningModule):
         net_fn = condition_guidance(self.network, self.guidance if guidance is None else guidance, cond=cond)
         return SAMPLERS[sampler or self.sampler](net_fn, noise, timesteps)
 
-    def _log_samples(self, batch: Batch, video: torch.Tensor, points: torch.Tensor) -> None:
+    def _log_samples(self, batch: Batch, video: torch.Tensor, points: torch.Tensor, stage: str = "val") -> None:
         """ground truth | sample | sample with the conditioning surface points, one row per clip."""
         P, V = points.shape[1], points.shape[3]
         person = torch.arange(P, device=points.device).repeat_interleave(V)  # (P·V,)
@@ -186,7 +216,7 @@ class DiTModule(L.LightningModule):
             valid = (uvz[..., 2] > 0) & batch.person_mask[i].repeat_interleave(V)[None]
             overlay = draw_points(video[i], uvz[..., :2], valid, person)
             grid = video_grid([batch.video[i], video[i], overlay])
-            log_video(self.logger, f"val/sample_{i}", grid.cpu(), self.global_step)
+            log_video(self.logger, f"{stage}/sample_{i}", grid.cpu(), self.global_step)
 
     # ------------------------------------------------------------------------------------ optimisation, ckpt
 
@@ -211,6 +241,7 @@ class DiTModule(L.LightningModule):
         checkpoint["isa4d"] = {"vae_checkpoint": self.vae_checkpoint, "vae_config": dict(self.vae.config)}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.loaded_step = checkpoint.get("global_step")  # reported by `isa4d validate/test`
         state = checkpoint.get("state_dict")
         if state is not None and not any(k.startswith("vae.") for k in state):
             state.update({f"vae.{k}": v for k, v in self.vae.state_dict().items()})

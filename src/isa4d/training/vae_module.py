@@ -2,8 +2,9 @@
 
 Two optimisers (VAE, discriminators), so optimisation is manual: one generator step, then, once the GAN is on, one
 discriminator step on the same batch. The adversarial weight is adaptive (reconstruction vs GAN gradient norms at the
-decoder's last layer). Validation logs L1, PSNR and SSIM and the first clips' reconstructions as videos. Latent statistics for stage 2 are pooled over each validation pass and stored in the VAE's
-buffers, so every checkpoint carries them.
+decoder's last layer). Validation (and `isa4d test`) logs L1 and the `evaluation` metrics (PSNR, SSIM, rFVD by
+default) and the first clips' reconstructions as videos. Latent statistics for stage 2 are pooled over each
+validation pass and stored in the VAE's buffers, so every checkpoint carries them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import lightning as L
 import torch
 from einops import rearrange
 from lightning.pytorch.cli import OptimizerCallable
-from torchmetrics.functional.image import structural_similarity_index_measure
 
 from isa4d.data.batch import Batch
 from isa4d.models.vae import CausalVideoVAE, latent_moments, stats_from_moments
@@ -23,6 +23,7 @@ from isa4d.models.vae.losses import adaptive_gan_weight, hinge_d_loss, hinge_g_l
 from isa4d.models.vae.lpips import LPIPS, perceptual_video
 from isa4d.parallel import ParallelConfig, configure_parallel
 from isa4d.training.augment import structured_motion
+from isa4d.training.evaluation import VideoEvaluation
 from isa4d.training.faults import finite_or_skip
 from isa4d.training.video_logging import error_video, log_video, video_grid
 
@@ -59,8 +60,11 @@ class VAEModule(L.LightningModule):
         motion_prob: float = 0.5,
         gradient_clip: float = 1.0,
         video_log_count: int = 2,
+        evaluation: VideoEvaluation | None = None,
         parallel: ParallelConfig = ParallelConfig(),
     ):
+        """`evaluation`: the validation/test metrics, by default PSNR, SSIM and rFVD (FVD of the reconstructions
+        against their inputs, logged as `val/rfvd`)."""
         super().__init__()
         if (loss.gan_2d > 0 and disc_2d is None) or (loss.gan_3d > 0 and disc_3d is None):
             raise ValueError("a GAN weight is > 0 but its discriminator is missing (disc_2d / disc_3d)")
@@ -72,6 +76,7 @@ class VAEModule(L.LightningModule):
         self.optimizer_fn, self.disc_optimizer_fn = optimizer, disc_optimizer
         self.motion_shift, self.motion_prob, self.gradient_clip = motion_shift, motion_prob, gradient_clip
         self.video_log_count = video_log_count
+        self.evaluation = evaluation if evaluation is not None else VideoEvaluation(("psnr", "ssim", "fvd"))
         self.parallel = parallel
         self.automatic_optimization = False
         self._stats: list[torch.Tensor] = []
@@ -143,39 +148,49 @@ class VAEModule(L.LightningModule):
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(batch))
 
     @torch.no_grad()
-    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+    def validation_step(self, batch: Batch, batch_idx: int, stage: str = "val") -> None:
         x = rearrange(batch.video, "b t c h w -> b c t h w")
-        posterior = self.vae.encode(x)
-        z = posterior.mode()
+        z = self.vae.encode(x).mode()
         recon = self.vae.decode(z).clamp(-1, 1)
-        mse = ((recon - x) ** 2).mean(dim=(1, 2, 3, 4))
-        psnr = 10 * torch.log10(4.0 / mse.clamp_min(1e-10))  # peak-to-peak 2 for [-1, 1]
-        frames = lambda v: rearrange(v.float(), "b c t h w -> (b t) c h w")  # noqa: E731
-        ssim = structural_similarity_index_measure(frames(recon), frames(x), data_range=2.0)
-        self.log_dict({"val/l1": (recon - x).abs().mean(), "val/psnr": psnr.mean(), "val/ssim": ssim},
-                      sync_dist=True, batch_size=len(batch))
+        self.log(f"{stage}/l1", (recon - x).abs().mean(), sync_dist=True, batch_size=len(batch))
+        self.evaluation.update(batch, rearrange(recon, "b c t h w -> b t c h w"))
         if batch_idx == 0 and self.video_log_count > 0 and self.trainer.is_global_zero:
-            self._log_reconstructions(x[: self.video_log_count], recon[: self.video_log_count])
+            self._log_reconstructions(x[: self.video_log_count], recon[: self.video_log_count], stage)
         self._stats.append(latent_moments(z))
 
-    def _log_reconstructions(self, x: torch.Tensor, recon: torch.Tensor) -> None:
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx, stage="test")
+
+    def _log_reconstructions(self, x: torch.Tensor, recon: torch.Tensor, stage: str = "val") -> None:
         """ground truth | reconstruction | error, one row per clip, as an animated GIF in TensorBoard."""
         gt, rc = rearrange(x, "b c t h w -> b t c h w"), rearrange(recon, "b c t h w -> b t c h w")
         for i in range(len(gt)):
             grid = video_grid([gt[i], rc[i], error_video(gt[i], rc[i])])
-            log_video(self.logger, f"val/reconstruction_{i}", grid.cpu(), self.global_step)
+            log_video(self.logger, f"{stage}/reconstruction_{i}", grid.cpu(), self.global_step)
 
-    def on_validation_epoch_end(self) -> None:
-        """Per-channel latent mean/std over the validation pass (summed over ranks) -> the VAE's buffers."""
+    def on_validation_epoch_end(self, stage: str = "val") -> None:
+        """The metrics of the pass (FVD as `rfvd`: of reconstructions), and the per-channel latent mean/std over it
+        (summed over ranks) -> the VAE's buffers (when validating during training)."""
+        metrics = self.evaluation.compute()
+        self.evaluation.reset()
+        self.log_dict({f"{stage}/r{k}" if k.startswith("fvd") else f"{stage}/{k}": v for k, v in metrics.items()})
         if not self._stats:
             return
         moments = torch.stack(self._stats).sum(0)  # (3, c)
         self._stats.clear()
+        if stage != "val":
+            return
         if self.trainer.world_size > 1:
             moments = self.trainer.strategy.reduce(moments, reduce_op="sum")
         mean, std = stats_from_moments(moments)
         self.vae.set_latent_stats(mean, std)
         self.log_dict({"val/latent_std_mean": std.mean().float(), "val/latent_mean_abs": mean.abs().mean().float()}, sync_dist=False)
+
+    def on_test_epoch_end(self) -> None:
+        self.on_validation_epoch_end(stage="test")
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.loaded_step = checkpoint.get("global_step")  # reported by `isa4d validate/test`
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["vae_config"] = dict(self.vae.config)  # isa4d.models.vae.load_vae rebuilds the VAE from it

@@ -89,6 +89,16 @@ class PoseConditioner(nn.Module):
     def pose(self, betas: torch.Tensor, global_orient: torch.Tensor, body_pose: torch.Tensor, transl: torch.Tensor,
              gender: list[str] | None = None) -> torch.Tensor:
         """Surface points of B sequences of P people, (B, P, T, V, 3), each sample posed with its gender's body."""
+        return self._posed(betas, global_orient, body_pose, transl, gender, self.surface)
+
+    def mesh(self, betas: torch.Tensor, global_orient: torch.Tensor, body_pose: torch.Tensor, transl: torch.Tensor,
+             gender: list[str] | None = None) -> torch.Tensor:
+        """All mesh vertices of B sequences of P people, (B, P, T, V_mesh, 3) (for rendering silhouettes and part
+        maps; the faces and part ids are `self.bodies["neutral"]`'s, shared by the genders)."""
+        return self._posed(betas, global_orient, body_pose, transl, gender, lambda verts: verts)
+
+    def _posed(self, betas, global_orient, body_pose, transl, gender, select) -> torch.Tensor:
+        """`select(vertices)` of every sample posed with its gender's body model."""
         B = betas.shape[0]
         groups = {}
         for i, g in enumerate(gender or ["neutral"] * B):
@@ -96,7 +106,7 @@ class PoseConditioner(nn.Module):
             if g not in self.bodies:
                 if g not in self._warned and g in ("male", "female"):
                     warnings.warn(f"no SMPL_{g.upper()}.pkl in the body model folder: posing {g} bodies with the "
-                                  f"neutral model", stacklevel=2)
+                                  f"neutral model", stacklevel=3)
                     self._warned.add(g)
                 g = "neutral"
             groups.setdefault(g, []).append(i)
@@ -104,7 +114,7 @@ class PoseConditioner(nn.Module):
         for g, idx in groups.items():
             ix = torch.tensor(idx, device=betas.device)
             verts, _ = self.bodies[g](betas[ix], global_orient[ix], body_pose[ix], transl[ix])  # (b, P, T, Vm, 3)
-            pts = self.surface(verts)  # (b, P, T, V, 3)
+            pts = select(verts)  # (b, P, T, V, 3)
             if out is None:
                 out = pts.new_zeros((B,) + pts.shape[1:])
             out[ix] = pts
