@@ -21,7 +21,7 @@ DIT_RUN_DIR ?= runs/dit_$(DIT)
 # the stage-1 checkpoint the DiT preset names (configs/dit/*.yaml: vae_checkpoint); override with VAE_CKPT=...
 VAE_CKPT ?= $(shell sed -n 's/^ *vae_checkpoint: *//p' configs/dit/$(DIT).yaml)
 
-.PHONY: help setup test test-all demo data toy-body inspect train-vae train-dit eval bench bench-data bench-vae bench-dit clean
+.PHONY: help setup test test-all demo data toy-body inspect train-vae train-dit eval sample bench bench-data bench-vae bench-dit clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -56,14 +56,14 @@ inspect: setup ## validate shards against the contract: make inspect URLS='data/
 
 DEMO_STEPS ?= 60
 
-demo: data ## the main job on the toy data: generate, validate, stream batches, train the tiny VAE (grows with each stage)
+demo: data ## the main job on the toy data: validate shards, train both tiny stages, evaluate them, write a sample mp4
 	$(ISA4D) data inspect '$(DATA)/*.tar'
 	$(PY) bench/bench_data.py --urls "$(DATA)/train-*.tar" --size 64 64 --frames 17 --seconds 10 --no-record
-	$(ISA4D) fit -c configs/vae/tiny.yaml -c configs/data/toy.yaml -c configs/trainer/cpu.yaml \
-	  --data.init_args.train_urls='$(DATA)/train-*.tar' --data.init_args.val_urls='$(DATA)/val-*.tar' \
-	  --trainer.max_steps=$(DEMO_STEPS) --trainer.val_check_interval=$(DEMO_STEPS) --trainer.limit_val_batches=4 \
-	  --trainer.default_root_dir=runs/demo --trainer.logger.init_args.save_dir=runs/demo
-	@echo "demo done: TensorBoard logs and reconstructions in runs/demo (tensorboard --logdir runs/demo)"
+	$(MAKE) train-vae VAE=tiny RUN_DIR=runs/demo/vae ARGS="--trainer.max_steps=$(DEMO_STEPS) --trainer.val_check_interval=$(DEMO_STEPS)"
+	$(MAKE) train-dit DIT=tiny DIT_RUN_DIR=runs/demo/dit VAE_CKPT=runs/demo/vae/checkpoints/last.ckpt ARGS="--trainer.max_steps=$(DEMO_STEPS) --trainer.val_check_interval=$(DEMO_STEPS)"
+	$(MAKE) sample DIT=tiny DIT_RUN_DIR=runs/demo/dit VAE_CKPT=runs/demo/vae/checkpoints/last.ckpt SAMPLE_OUT=runs/demo/samples
+	@echo "demo done: sample video runs/demo/samples/toy_orbit.mp4 and its pose side-by-side runs/demo/samples/toy_orbit_pose.mp4;"
+	@echo "           TensorBoard logs (metrics, reconstructions, samples): tensorboard --logdir runs/demo"
 
 train-vae: setup $(if $(filter toy,$(DATA_CFG)),data) ## stage 1: isa4d fit, configs/vae/$(VAE).yaml + data/$(DATA_CFG) + trainer/$(TRAINER); checkpoint $(RUN_DIR)/checkpoints/last.ckpt
 	$(ISA4D) fit -c configs/vae/$(VAE).yaml -c configs/data/$(DATA_CFG).yaml -c configs/trainer/$(TRAINER).yaml \
@@ -90,6 +90,17 @@ eval: setup $(if $(filter toy,$(DATA_CFG)),data) $(RUN_DIR)/checkpoints/last.ckp
 	  --metrics_json=$(EVAL_DIR)/dit_$(DIT).json --trainer.default_root_dir=$(EVAL_DIR) \
 	  --trainer.logger.init_args.save_dir=$(EVAL_DIR) --trainer.logger.init_args.name=dit_$(DIT) $(ARGS)
 	@echo "eval done: $(EVAL_DIR)/vae_$(VAE).json, $(EVAL_DIR)/dit_$(DIT).json; TensorBoard: tensorboard --logdir $(EVAL_DIR)"
+
+SAMPLE_CFG ?= toy
+SAMPLE_OUT ?= runs/samples
+
+$(DATA)/sample/inputs.json: $(DATA)/README.json
+	$(PY) -m data_prep.sample_inputs --shards '$(DATA)/val-*.tar' --index 0 --out $(DATA)/sample
+
+sample: setup $(if $(filter toy,$(SAMPLE_CFG)),data $(DATA)/sample/inputs.json) $(DIT_RUN_DIR)/checkpoints/last.ckpt ## isa4d sample: the DiT's last checkpoint driven by configs/sample/$(SAMPLE_CFG).yaml (a toy clip's people, orbiting camera) -> $(SAMPLE_OUT)/*.mp4
+	$(ISA4D) sample -c configs/dit/$(DIT).yaml -c configs/sample/$(SAMPLE_CFG).yaml -c configs/trainer/$(TRAINER).yaml \
+	  --model.init_args.vae_checkpoint=$(VAE_CKPT) --ckpt_path=$(DIT_RUN_DIR)/checkpoints/last.ckpt \
+	  --data.init_args.output_dir=$(SAMPLE_OUT) --trainer.logger=false $(ARGS)
 
 runs/dit_%/checkpoints/last.ckpt: # a missing stage-2 checkpoint of a preset: train it
 	$(MAKE) train-dit DIT=$* ARGS=

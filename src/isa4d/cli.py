@@ -4,6 +4,7 @@
     isa4d data inspect 'data/toy/train-{000000..000003}.tar'
     isa4d export runs/vae_tiny/checkpoints/last.ckpt vae.safetensors [--ema] [--submodule vae]
     isa4d test -c configs/dit/tiny.yaml -c configs/data/toy.yaml --ckpt_path CKPT [--metrics_json PATH]
+    isa4d sample -c configs/dit/tiny.yaml -c configs/sample/toy.yaml --ckpt_path CKPT [--data.init_args.camera orbit]
 
 `validate` and `test` log their metrics to TensorBoard and write them to a JSON file (`--metrics_json`, by default
 `metrics_<subcommand>.json` in the run's log directory).
@@ -65,7 +66,8 @@ class ISA4DCLI(LightningCLI):
         print(f"isa4d {subcommand}: {len(metrics)} metrics written to {path}")
 
 
-def run_cli(args: list[str] | None = None, run: bool = True) -> ISA4DCLI:
+def run_cli(args: list[str] | None = None, run: bool = True, save_config: bool = True) -> ISA4DCLI:
+    """`save_config`: write the resolved config.yaml into the run's log folder (off for `isa4d sample`)."""
     mode = {"parser_mode": "omegaconf+"}
     return ISA4DCLI(
         L.LightningModule,
@@ -75,6 +77,7 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> ISA4DCLI:
         parser_kwargs={**mode, **{c: dict(mode) for c in SUBCOMMANDS}},
         trainer_defaults={"callbacks": [LoaderHealthLogger()]},
         save_config_kwargs={"overwrite": True},
+        **({} if save_config else {"save_config_callback": None}),
         args=args,
         run=run,
     )
@@ -84,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["data"]:
         return _data(args[1:])
+    if args[:1] == ["sample"]:  # `isa4d predict` + the callback that writes the videos (docs/inference.md)
+        run_cli(["predict", *args[1:], "--trainer.callbacks+=isa4d.inference.writer.SampleWriter"], save_config=False)
+        return 0
     if args[:1] == ["export"]:
         from isa4d.training.export import main as export_main
 

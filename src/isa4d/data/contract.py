@@ -222,12 +222,12 @@ def parse_sample(sample: Mapping[str, Any]) -> ParsedSample:
     if "ref.png" in sample:
         ref = ReferenceView(sample["ref.png"])
         if "ref.npz" in sample:
-            ref = _parse_reference(sample["ref.png"], sample["ref.npz"], key, smpl.num_people)
+            ref = parse_reference(sample["ref.png"], sample["ref.npz"], key, smpl.num_people)
     extra = {k: v for k, v in sample.items() if not k.startswith("__") and k not in REQUIRED_KEYS + OPTIONAL_KEYS}
     return ParsedSample(key, url, sample["mp4"], info, smpl, cam, meta, sample.get("bg.mp4"), sample.get("mask.mp4"), ref, extra)
 
 
-def _parse_reference(image: bytes, data: bytes, key: str, num_people: int) -> ReferenceView:
+def parse_reference(image: bytes, data: bytes, key: str, num_people: int) -> ReferenceView:
     z = _loadnpz_bytes(data, "ref.npz", key)
     K = _array(z, "ref.npz", "K", (3, 3), key)
     w2c = _array(z, "ref.npz", "w2c", (4, 4), key)

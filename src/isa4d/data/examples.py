@@ -52,7 +52,7 @@ def _decode(data: bytes, indices: np.ndarray, crop: CropResize, key: str, name: 
     return frames[:, crop.top : crop.top + crop.out_h, crop.left : crop.left + crop.out_w]
 
 
-def _reference_image(png: bytes, bucket: Bucket, key: str) -> tuple[np.ndarray, CropResize]:
+def reference_image(png: bytes, bucket: Bucket, key: str) -> tuple[np.ndarray, CropResize]:
     try:
         img = Image.open(io.BytesIO(png)).convert("RGB")
     except Exception as e:
@@ -77,7 +77,7 @@ def decode_example(s: ParsedSample, bucket: Bucket, opts: ClipOptions, rng: np.r
     mask = _decode(s.mask, idx, crop, s.key, "mask.mp4", pix_fmt="gray") if s.mask is not None else None
 
     if s.ref is not None:  # an explicit reference image, with its camera and bodies when ref.npz came along
-        ref, ref_crop = _reference_image(s.ref.image, bucket, s.key)
+        ref, ref_crop = reference_image(s.ref.image, bucket, s.key)
         has_camera = s.ref.K is not None and s.ref.smpl is not None
         ref_K = ref_crop.apply_to_K(s.ref.K.astype(np.float64)).astype(np.float32) if has_camera else np.eye(3, dtype=np.float32)
         ref_w2c = s.ref.w2c if has_camera else np.eye(4, dtype=np.float32)

@@ -23,9 +23,11 @@ from torch import nn
 
 from isa4d.data.batch import Batch
 from isa4d.diffusion.flow import FlowMatching
-from isa4d.diffusion.sampling import SAMPLERS, condition_guidance
+from isa4d.diffusion.sampling import SAMPLERS
 from isa4d.diffusion.schedules import sampling_timesteps, shift_for_tokens
 from isa4d.geometry.camera import project
+from isa4d.inference.generate import generate, sample_latent
+from isa4d.inference.inputs import SampleRequest
 from isa4d.models.dit import DiTConditions, ISADiT, PoseConditioner
 from isa4d.models.vae import CausalVideoVAE, load_vae
 from isa4d.parallel import ParallelConfig, configure_parallel
@@ -61,6 +63,9 @@ class DiTModule(L.LightningModule):
         sampler: str = "euler",
         guidance: dict[str, float] | None = None,
         sample_seed: int = 0,
+        sample_window: int | None = None,
+        sample_overlap: int = 2,
+        decode_chunk_frames: int | None = None,
         val_sample_batches: int = 1,
         video_log_count: int = 2,
         vae: CausalVideoVAE | None = None,
@@ -71,7 +76,8 @@ class DiTModule(L.LightningModule):
         """`time_shift` None: SD3's resolution-dependent shift, sqrt(tokens / shift_base_tokens) capped at
         `max_shift`, for training and sampling alike. `vae_checkpoint`: a stage-1 `.ckpt`, sharded folder or exported `.safetensors`
         (`vae_ema`: its EMA weights). `vae` (a built model) replaces `vae_checkpoint` in tests. `evaluation`: the
-        metrics of sampled batches, by default `DIT_METRICS`."""
+        metrics of sampled batches, by default `DIT_METRICS`. `sample_window` / `sample_overlap` (latent frames) and
+        `decode_chunk_frames` (video frames) bound the memory of `predict` (`isa4d sample`) on long videos."""
         super().__init__()
         if (vae is None) == (vae_checkpoint is None):
             raise ValueError("give exactly one of vae_checkpoint (a stage-1 checkpoint path) and vae (a model)")
@@ -97,6 +103,7 @@ class DiTModule(L.LightningModule):
         self.val_timesteps = tuple(val_timesteps)
         self.sample_steps, self.sampler, self.guidance = sample_steps, sampler, dict(guidance or {})
         self.sample_seed, self.val_sample_batches, self.video_log_count = sample_seed, val_sample_batches, video_log_count
+        self.sample_window, self.sample_overlap, self.decode_chunk_frames = sample_window, sample_overlap, decode_chunk_frames
         self.evaluation = evaluation if evaluation is not None else VideoEvaluation(DIT_METRICS)
         self.parallel = parallel
 
@@ -122,20 +129,25 @@ class DiTModule(L.LightningModule):
     @torch.no_grad()
     def encode(self, batch: Batch) -> tuple[torch.Tensor, DiTConditions, torch.Tensor]:
         """(x0 (B, C, T, h, w), conditions, posed points of every video frame (B, P, T_video, V, 3))."""
-        video = rearrange(batch.video, "b t c h w -> b c t h w")
-        H, W = video.shape[-2:]
-        x0 = self._latent(video)
+        x0 = self._latent(rearrange(batch.video, "b t c h w -> b c t h w"))
+        return (x0, *self.conditions(batch))
+
+    @torch.no_grad()
+    def conditions(self, batch: Batch) -> tuple[DiTConditions, torch.Tensor]:
+        """What the DiT is conditioned on, from everything in the batch but its video (sampling needs no video):
+        (conditions, posed points of every video frame (B, P, T_video, V, 3))."""
+        H, W = batch.video.shape[-2:]
         ref = self._latent(batch.ref[:, :, None])[:, :, 0]  # (B, C, h, w)
         bg = None
         if batch.bg is not None and self.network.background:
             bg = self._latent(rearrange(batch.bg, "b t c h w -> b c t h w"))
             bg = bg * batch.has_bg.to(bg.dtype)[:, None, None, None, None]  # no plate: the zero latent
-        with torch.autocast(video.device.type, enabled=False):  # geometry in fp32 (matrix inverses, projection)
+        with torch.autocast(batch.K.device.type, enabled=False):  # geometry in fp32 (matrix inverses, projection)
             geometry, points = self.conditioner(batch.K.float(), batch.w2c.float(), batch.smpl, batch.person_mask,
                                                 batch.ref_K.float(), batch.ref_w2c.float(), batch.ref_smpl,
                                                 batch.ref_has_camera, H, W, batch.gender)
         features = self.image_encoder(batch.ref) if self.image_encoder is not None else None
-        return x0, DiTConditions(**geometry, ref_latent=ref, background=bg, ref_features=features), points
+        return DiTConditions(**geometry, ref_latent=ref, background=bg, ref_features=features), points
 
     def shift_for(self, shape: torch.Size | tuple[int, ...]) -> float:
         """The time shift for latents of `shape` (B, C, T, h, w)."""
@@ -203,8 +215,15 @@ class DiTModule(L.LightningModule):
         device = cond.plucker.device
         noise = torch.randn(shape, generator=generator, device=device)
         timesteps = sampling_timesteps(steps or self.sample_steps, self.shift_for(shape), device=device)
-        net_fn = condition_guidance(self.network, self.guidance if guidance is None else guidance, cond=cond)
-        return SAMPLERS[sampler or self.sampler](net_fn, noise, timesteps)
+        return sample_latent(self.network, cond, noise, timesteps, self.guidance if guidance is None else guidance,
+                             sampler or self.sampler)
+
+    def predict_step(self, request: SampleRequest, batch_idx: int) -> dict:
+        """`isa4d sample`: a video for each request of `isa4d.inference.SampleInputs` (written by `SampleWriter`)."""
+        video, points = generate(self, request.batch, request.tiles, seed=self.sample_seed,
+                                 window=self.sample_window, overlap=self.sample_overlap,
+                                 decode_chunk_frames=self.decode_chunk_frames, progress=True)
+        return {"video": video, "points": points, "request": request}
 
     def _log_samples(self, batch: Batch, video: torch.Tensor, points: torch.Tensor, stage: str = "val") -> None:
         """ground truth | sample | sample with the conditioning surface points, one row per clip."""
