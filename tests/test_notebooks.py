@@ -1,5 +1,5 @@
 """The notebooks in notebooks/ run top to bottom on small inputs: the committed toy shards, the toy body and an
-untrained tiny VAE. Each is executed with nbclient in a `python3` kernel of this interpreter, from the repository
+untrained tiny VAE and DiT. Each is executed with nbclient in a `python3` kernel of this interpreter, from the repository
 root, with its parameters set through the environment (notebooks/README.md); a cell that raises fails the test.
 Each notebook's last cell displays a JSON summary of what it computed, which the test checks."""
 
@@ -10,10 +10,14 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import torch
 import yaml
 from nbclient import NotebookClient
 
+from isa4d.data import video as videolib
+from isa4d.models.dit import ISADiT
 from isa4d.render import MeshRenderer, RenderError
+from isa4d.training.dit_module import DiTModule
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "tests/assets/toy_world"  # 64x64 clips of 13 frames: 3 train (1-3 people), 1 val
@@ -45,15 +49,60 @@ def check_vae(s: dict) -> None:
     assert math.isclose(s["psnr_mean"], sum(psnr) / 9, rel_tol=1e-6)
 
 
+def check_sampling(s: dict) -> None:
+    assert (s["clip"], s["people"], s["steps"]) == ("toy_train_000002", 3, 3)  # ISA4D_SAMPLE_INDEX: 3 people
+    orbit, clip = s["orbit"], s["clip_cameras"]
+    assert orbit["video_shape"] == clip["video_shape"] == [1, 13, 3, 64, 64]  # the whole 13-frame motion
+    assert orbit["deterministic"] and orbit["seed_change"] > 1e-3  # one seed, one video; another seed, another
+    video = videolib.decode_all(Path(orbit["mp4"]).read_bytes())
+    side = videolib.decode_all(Path(orbit["pose_mp4"]).read_bytes())  # sample | sample with the bodies
+    assert video.shape == tuple(orbit["mp4_shape"]) == (13, 64, 64, 3) and side.shape == (13, 64, 128, 3)
+    assert orbit["mp4_error"] < orbit["seed_change"] / 2  # the file holds this video (H.264 4:2:0 loses some)
+    assert abs(side[:, :, :64].astype(int) - video.astype(int)).mean() < 3
+    assert orbit["metrics"]["part_appearance"] >= 0 and orbit["metrics"]["part_appearance_num_frames"] > 0
+    m, real = clip["metrics"], clip["real_metrics"]
+    assert clip["background"] and (m["pose_iou_num_frames"], m["pose_iou_num_skipped_clips"]) == (13, 0)
+    assert 0 < m["psnr"] < 100 and -1 <= m["ssim"] <= 1 and 0 <= m["pose_iou"] <= 1 and m["part_appearance"] >= 0
+    assert real["pose_iou"] > 0.5  # the real clip differs from its plate where the conditioning bodies render
+    assert real["part_appearance"] < m["part_appearance"]  # it looks like its first frame; an untrained DiT does not
+
+
 # (notebook, check of its summary, marks)
 NOTEBOOKS = [
     pytest.param("01_data.ipynb", check_data, marks=pytest.mark.skipif(NO_EGL is not None, reason=str(NO_EGL))),
     pytest.param("02_vae.ipynb", check_vae),
+    pytest.param("03_sampling.ipynb", check_sampling,
+                 marks=pytest.mark.skipif(NO_EGL is not None, reason=str(NO_EGL))),  # metrics render the bodies
 ]
 
 
+@pytest.fixture(scope="session")
+def tiny_dit_checkpoint(tmp_path_factory, tiny_vae_checkpoint, toy_body_dir) -> tuple[Path, Path]:
+    """(checkpoint, config) of an untrained DiT of configs/dit/tiny.yaml's layout (32 body points, 3 sampling
+    steps), saved as DiTModule saves it (no `vae.` weights; `isa4d` and `global_step`): what 03_sampling loads in
+    place of a trained stage 2. Its weights are nudged off the zero-initialised output layer, which would
+    predict zero velocity for every input."""
+    out = tmp_path_factory.mktemp("dit_tiny")
+    config = yaml.safe_load((ROOT / "configs/dit/tiny.yaml").read_text())
+    init = config["model"]["init_args"]
+    init.update(vae_checkpoint=str(tiny_vae_checkpoint), body_model_dir=str(toy_body_dir), sample_steps=3)
+    init["network"]["init_args"].update(num_points=32, point_freqs=4, ispe_freqs=4)
+    (out / "dit.yaml").write_text(yaml.safe_dump(config))
+    torch.manual_seed(0)
+    network = ISADiT(**init["network"]["init_args"])
+    with torch.no_grad():
+        for p in network.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    module = DiTModule(network, vae_checkpoint=init["vae_checkpoint"], body_model_dir=init["body_model_dir"],
+                       sample_steps=3)
+    checkpoint = {"state_dict": module.state_dict(), "epoch": 0, "global_step": 0}
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, out / "last.ckpt")
+    return out / "last.ckpt", out / "dit.yaml"
+
+
 @pytest.fixture
-def notebook_env(monkeypatch, tmp_path, toy_body_dir, tiny_vae_checkpoint) -> None:
+def notebook_env(monkeypatch, tmp_path, toy_body_dir, tiny_vae_checkpoint, tiny_dit_checkpoint) -> None:
     """The notebooks' parameters, pointing at the test inputs; the kernel inherits this environment."""
     config = yaml.safe_load((ROOT / "configs/data/toy.yaml").read_text())
     config["data"]["init_args"]["buckets"] = [BUCKET]
@@ -61,6 +110,12 @@ def notebook_env(monkeypatch, tmp_path, toy_body_dir, tiny_vae_checkpoint) -> No
     data_config.write_text(yaml.safe_dump(config))
     for name, value in {"ISA4D_DATA": ASSETS, "ISA4D_BODY": toy_body_dir, "ISA4D_VAE_CKPT": tiny_vae_checkpoint,
                         "ISA4D_DATA_CONFIG": data_config, "MPLBACKEND": "Agg"}.items():
+        monkeypatch.setenv(name, str(value))
+    sampling = {"ISA4D_DIT_CKPT": tiny_dit_checkpoint[0], "ISA4D_DIT_CONFIG": tiny_dit_checkpoint[1],
+                "ISA4D_SAMPLE_INPUTS": tmp_path / "sample_inputs",  # missing: 03 writes it from these shards
+                "ISA4D_SAMPLE_SHARDS": ASSETS / "train-*.tar", "ISA4D_SAMPLE_INDEX": 2,  # the 3-person clip
+                "ISA4D_SAMPLE_OUT": tmp_path / "samples", "ISA4D_DEVICE": "cpu"}
+    for name, value in sampling.items():
         monkeypatch.setenv(name, str(value))
 
 

@@ -128,3 +128,26 @@ def generate(module, batch: Batch, tiles: ReferenceTiles | None = None, *, steps
     vae_dtype = next(vae.parameters()).dtype
     video = vae.decode(vae.denormalize_latents(latent).to(vae_dtype), chunk_frames=decode_chunk_frames)
     return rearrange(video.float().clamp(-1, 1), "b c t h w -> b t c h w"), points
+
+
+def seam_ratio(video: torch.Tensor, starts: list[int], window: int, temporal_factor: int = 4) -> dict[str, float]:
+    """How much a windowed video jumps where windows begin or end, relative to the rest of it.
+
+    video (T, 3, H, W); `starts` and `window` in latent frames. Latent frame j >= 1 holds video frames
+    f(j - 1) + 1 .. f·j (f = temporal_factor), so a window edge at latent frame j is the transition between video
+    frames f(j - 1) and f(j - 1) + 1. Only transitions between latent frames are compared: inside a latent frame the
+    causal VAE changes frames less, so comparing against those would call every latent boundary a seam. Returns
+    `ratio`, the mean frame-to-frame change across window edges over the median change across the other latent
+    boundaries (1: no seam), `ratio_max` with the largest edge change instead of the mean, and the counts.
+    """
+    change = (video[1:] - video[:-1]).float().abs().mean(dim=(1, 2, 3))  # (T - 1,): frame t -> t + 1
+    latents = (video.shape[0] - 1) // temporal_factor + 1
+    edges = ({s for s in starts[1:]} | {s + window for s in starts[:-1]}) & set(range(1, latents))
+    boundary = [temporal_factor * (j - 1) for j in sorted(edges)]
+    others = [temporal_factor * (j - 1) for j in range(1, latents) if j not in edges]
+    if not boundary or not others:
+        raise ValueError(f"need window edges and other latent boundaries to compare: edges {sorted(edges)} of "
+                         f"{latents} latent frames")
+    elsewhere = change[others].median()
+    return {"ratio": (change[boundary].mean() / elsewhere).item(), "ratio_max": (change[boundary].max() / elsewhere).item(),
+            "edges": len(boundary), "others": len(others)}

@@ -107,6 +107,10 @@ class DiTModule(L.LightningModule):
         self.evaluation = evaluation if evaluation is not None else VideoEvaluation(DIT_METRICS)
         self.parallel = parallel
 
+    def setup(self, stage: str) -> None:
+        if stage in ("fit", "validate", "test"):  # not for predict: sampling needs no metric networks
+            self.evaluation.build()
+
     def configure_model(self) -> None:
         """FSDP2 under ModelParallelStrategy: the DiT sharded block by block, the frozen VAE (and image encoder)
         kept whole, in bf16 on GPUs; under any other strategy nothing."""

@@ -60,24 +60,41 @@ class VideoEvaluation(nn.Module):
         if "face_sim" in metrics and body_model_dir is None:
             raise ValueError("face_sim needs body_model_dir (the SMPL folder: it locates the face by the head's "
                              "landmark vertices)")
+        self.names = list(dict.fromkeys(metrics))
+        self.fvd_weights, self.fvd_bootstrap = fvd_weights, fvd_bootstrap
+        self.lpips_vgg, self.lpips_lin, self.body_model_dir = lpips_vgg, lpips_lin, body_model_dir
+        self.metrics = nn.ModuleDict()  # built by `build()`: sampling never loads I3D or needs a renderer
+        self.fvd_short: SumMetric | None = None
+        self.face_ids: list[int] | None = None
+        self._renderers: dict[tuple[int, int], object] = {}
+
+    def build(self) -> "VideoEvaluation":
+        """Create the metrics (loading their networks) and check the renderer the body metrics need; idempotent.
+        The modules call it when a fit, validation or test starts, so a missing weight file or EGL stops the run
+        at once rather than at its first validation."""
+        if len(self.metrics) == len(self.names):
+            return self
         build = {
             "psnr": VideoPSNR,
             "ssim": VideoSSIM,
-            "lpips": lambda: VideoLPIPS(lpips_vgg, lpips_lin),
-            "fvd": lambda: FVD(weights_path=fvd_weights, bootstrap_samples=fvd_bootstrap),
+            "lpips": lambda: VideoLPIPS(self.lpips_vgg, self.lpips_lin),
+            "fvd": lambda: FVD(weights_path=self.fvd_weights, bootstrap_samples=self.fvd_bootstrap),
             "part_appearance": PartAppearance,
             "pose_iou": SilhouetteIoU,
             "face_sim": FaceSimilarity,
         }
-        self.metrics = nn.ModuleDict({name: build[name]() for name in dict.fromkeys(metrics)})
+        for name in self.names:
+            self.metrics[name] = build[name]()
         self.fvd_short = SumMetric() if "fvd" in self.metrics else None
-        self.face_ids = face_landmark_vertex_ids(body_model_dir) if "face_sim" in self.metrics else None
-        self._renderers: dict[tuple[int, int], object] = {}
+        self.face_ids = face_landmark_vertex_ids(self.body_model_dir) if "face_sim" in self.metrics else None
+        if self.needs_bodies:
+            self._renderer(8, 8)
+        return self
 
     @property
     def needs_bodies(self) -> bool:
         """Whether `update` needs the posed body meshes."""
-        return any(name in self.metrics for name in BODY_METRICS)
+        return any(name in self.names for name in BODY_METRICS)
 
     @torch.no_grad()
     def update(self, batch: Batch, video: torch.Tensor, vertices: torch.Tensor | None = None,
@@ -88,6 +105,8 @@ class VideoEvaluation(nn.Module):
         For the body metrics: vertices (B, P, T, V, 3) the posed meshes of every frame, ref_vertices (B, P, 1, V, 3)
         those of the reference view, faces (F, 3) and part_ids (V,) of the body model.
         """
+        if len(self.metrics) != len(self.names):
+            self.build().to(video.device)
         video, truth = video.float().clamp(-1, 1), batch.video.float()
         if video.shape != truth.shape:
             raise ValueError(f"video {tuple(video.shape)} must have the batch's shape {tuple(truth.shape)}")
@@ -102,7 +121,7 @@ class VideoEvaluation(nn.Module):
                 self.fvd_short.update(float(len(video)))
         if self.needs_bodies:
             if vertices is None or ref_vertices is None or faces is None or part_ids is None:
-                raise ValueError(f"metrics {[n for n in BODY_METRICS if n in self.metrics]} need the posed "
+                raise ValueError(f"metrics {[n for n in BODY_METRICS if n in self.names]} need the posed "
                                  "vertices, reference vertices, faces and part ids")
             self._update_bodies(batch, video, vertices, ref_vertices, faces, part_ids)
 
@@ -141,7 +160,7 @@ class VideoEvaluation(nn.Module):
             try:
                 self._renderers[key] = MeshRenderer(height, width)
             except Exception as e:  # no EGL on this machine
-                raise RuntimeError(f"metrics {[n for n in BODY_METRICS if n in self.metrics]} render the SMPL "
+                raise RuntimeError(f"metrics {[n for n in BODY_METRICS if n in self.names]} render the SMPL "
                                    f"bodies with headless EGL, which failed here ({e}); install EGL (docs/rendering.md) "
                                    "or leave them out of `metrics`") from e
         return self._renderers[key]

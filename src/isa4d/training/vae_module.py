@@ -195,6 +195,10 @@ class VAEModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["vae_config"] = dict(self.vae.config)  # isa4d.models.vae.load_vae rebuilds the VAE from it
 
+    def setup(self, stage: str) -> None:
+        if stage in ("fit", "validate", "test"):  # not for predict: sampling needs no metric networks
+            self.evaluation.build()
+
     def configure_model(self) -> None:
         """FSDP2 under ModelParallelStrategy (VAE and discriminators sharded, LPIPS frozen); else nothing."""
         discs = [m for m in (self.disc_2d, self.disc_3d) if m is not None]
