@@ -68,6 +68,8 @@ def test_inputs_become_a_contract_batch_whose_reference_is_the_first_frame(clip_
 
 
 def test_bad_inputs_fail_clearly(clip_inputs, toy_body_dir, tmp_path):
+    nine = inputs(clip_inputs, toy_body_dir, num_frames=9).request().batch  # the clip's cam.npz cut to 9 frames
+    assert nine.K.shape[1] == 9 and nine.bg.shape[1] == 9
     with pytest.raises(ValueError, match=r"num_frames=12: must be 1 \+ 4k.*e.g. 9"):
         inputs(clip_inputs, toy_body_dir, num_frames=12).request()
     with pytest.raises(ValueError, match="num_frames=17 but the motions .*person0.npz.* give only 13 frames"):

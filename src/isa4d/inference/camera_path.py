@@ -100,8 +100,9 @@ def dolly(num_frames: int, height: int, width: int, target, *, start: float | No
                         start + (end - start) * s, fov)
 
 
-def from_npz(path: str | Path, num_frames: int, height: int, width: int) -> CameraSequence:
-    """A contract cam.npz (K (F, 3, 3), w2c (F, 4, 4)) with exactly `num_frames` frames, for an H x W video.
+def from_npz(path: str | Path, num_frames: int, height: int, width: int, trim: bool = False) -> CameraSequence:
+    """A contract cam.npz (K (F, 3, 3), w2c (F, 4, 4)) with exactly `num_frames` frames, for an H x W video
+    (`trim`: or more, of which the first `num_frames` are used).
 
     The contract's K is in pixels of its video but cam.npz does not store that video's size. Files may add
     `height` and `width`; where they differ from H x W, K is mapped as the loader maps it (scale to cover,
@@ -118,11 +119,12 @@ def from_npz(path: str | Path, num_frames: int, height: int, width: int) -> Came
             size = tuple(int(np.asarray(z[k]).reshape(-1)[0]) for k in ("height", "width") if k in z.files)
     except Exception as e:  # zipfile and value errors all mean the same to the user
         raise CameraPathError(f"{path}: not a readable npz ({type(e).__name__}: {e})") from e
-    if w2c is not None and w2c.ndim == 3 and w2c.shape[0] != num_frames:
-        raise CameraPathError(f"{path}: 'w2c' has {w2c.shape[0]} frames, the video has {num_frames}; "
+    stored = w2c.shape[0] if w2c is not None and w2c.ndim == 3 else num_frames
+    if stored != num_frames and not (trim and stored > num_frames):
+        raise CameraPathError(f"{path}: 'w2c' has {stored} frames, the video has {num_frames}; "
                               "sample that many frames or trim the file")
     try:
-        cams = parse_cameras(data, str(path), num_frames)
+        cams = parse_cameras(data, str(path), stored).take(np.arange(num_frames))
     except SampleError as e:
         raise CameraPathError(str(e)) from e
     if len(size) == 1:
@@ -174,11 +176,12 @@ def parse_spec(spec: str) -> tuple[str, dict[str, float]]:
 
 
 def camera_path(spec: str, num_frames: int, height: int, width: int, target, *,
-                fov: float = DEFAULT_FOV) -> CameraSequence:
+                fov: float = DEFAULT_FOV, trim_npz: bool = False) -> CameraSequence:
     """The camera path a user string names: 'static', 'orbit', 'orbit:degrees=360,radius=3,elevation=10',
     'dolly:start=4,end=2', or a cam.npz path. `target` (3,) is where generated paths look (for example
-    motion.look_target); `fov` (vertical degrees) applies unless the spec sets its own."""
+    motion.look_target); `fov` (vertical degrees) applies unless the spec sets its own; `trim_npz`: a cam.npz may
+    hold more frames than the video (the first ones are used)."""
     if spec.strip().lower().endswith(".npz"):
-        return from_npz(spec.strip(), num_frames, height, width)
+        return from_npz(spec.strip(), num_frames, height, width, trim=trim_npz)
     name, options = parse_spec(spec)
     return PATHS[name](num_frames, height, width, target, **{"fov": fov, **options})

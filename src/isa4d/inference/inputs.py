@@ -6,6 +6,7 @@ DiT conditions on it exactly as in training. Conventions (docs/inference.md):
 
 - The people are the motions, laid out in one world (`motion.combine_people`); the camera path looks at their
   mean pelvis (`motion.look_target`).
+- A cam.npz camera path may be longer than the sample: its first frames are used.
 - Frames: the motion's length at `fps`, cut to 1 + 4k (the VAE codes four frames per latent frame after the
   first), or exactly `num_frames`, which must be of that form and no longer than the motion.
 - A reference image shows its person(s) as the first frame would: in the motion's first pose, seen by the path's
@@ -191,7 +192,7 @@ class SampleInputs(L.LightningDataModule):
         motion = self.motion()
         smpl, F, P = motion.smpl, motion.num_frames, motion.smpl.num_people
         target = look_target(smpl, self.body_model_dir, motion.gender)
-        cams = camera_path(self.camera, F, self.height, self.width, target, fov=self.fov)
+        cams = camera_path(self.camera, F, self.height, self.width, target, fov=self.fov, trim_npz=True)
         if len(self.refs) == 1:
             views = [self._reference(0, motion, cams, range(P))]
         else:

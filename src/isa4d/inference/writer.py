@@ -1,8 +1,9 @@
 """Write what `isa4d sample` generated: the video as mp4 and, beside it, the video | the video with the conditioning
 bodies drawn over it, so adherence to the pose shows at a glance.
 
-The overlay blends the SMPL part map (the conditioning meshes rendered with the sample's cameras, headless EGL,
-`isa4d.metrics.render_body_maps`) over the frames; without EGL it draws the projected surface points instead.
+The overlay blends the SMPL part map (the conditioning meshes rendered with the sample's cameras, headless EGL or
+else the PyTorch rasteriser, `isa4d.metrics.render_body_maps`) over the frames; should neither render, it draws the
+projected surface points instead.
 """
 
 from __future__ import annotations
@@ -42,11 +43,11 @@ def overlay_parts(video: torch.Tensor, parts: torch.Tensor, alpha: float = 0.5) 
 def pose_overlay(module, batch, video: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     """(B, T, 3, H, W): each video with its conditioning bodies drawn over it (part maps, else points)."""
     try:
-        from isa4d.render import MeshRenderer
+        from isa4d.render import make_renderer
 
-        renderer = MeshRenderer(*video.shape[-2:])
-    except Exception as e:  # no EGL: dots at the projected surface points
-        warnings.warn(f"no headless EGL ({e}): the pose overlay draws surface points instead of part maps",
+        renderer = make_renderer(*video.shape[-2:], backend="auto")
+    except Exception as e:  # no renderer at all: dots at the projected surface points
+        warnings.warn(f"no renderer ({e}): the pose overlay draws surface points instead of part maps",
                       stacklevel=2)
         return torch.stack([_points_overlay(batch, video, points, b) for b in range(len(video))])
     try:

@@ -1,7 +1,8 @@
 """Silhouettes and body-part maps of the conditioning SMPL bodies, rendered with the clip's cameras.
 
 They are the references of pose adherence (`pose.SilhouetteIoU`) and body-part appearance
-(`appearance.PartAppearance`). Rendering is exact rasterisation (`isa4d.render.MeshRenderer`, headless EGL),
+(`appearance.PartAppearance`). Rendering is exact rasterisation (`isa4d.render.MeshRenderer`, headless EGL, or
+`isa4d.render.TorchRenderer`, the same maps in PyTorch where EGL is missing: `isa4d.render.make_renderer`),
 one frame at a time on the CPU side; create the renderer once (at the video's size) and reuse it.
 """
 

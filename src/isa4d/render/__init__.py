@@ -2,13 +2,16 @@
 
 from isa4d.render.camera_gl import linearize_depth, mvp_from_camera, ndc_to_pixel, projection_from_K
 from isa4d.render.rasterizer import Mesh, MeshRenderer, RenderError, RenderOutput, vertex_normals
+from isa4d.render.torch_raster import TorchRenderer, make_renderer
 
 __all__ = [
     "Mesh",
     "MeshRenderer",
     "RenderError",
     "RenderOutput",
+    "TorchRenderer",
     "linearize_depth",
+    "make_renderer",
     "mvp_from_camera",
     "ndc_to_pixel",
     "projection_from_K",

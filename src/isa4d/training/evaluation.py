@@ -6,7 +6,8 @@ SSIM; face-sim and LPIPS where their weights are available). Each metric is a to
 numbers are the same on one process or many; `compute()` must then run on every process (it gathers).
 
 Metrics that look at the bodies (part appearance, pose IoU, face-sim) render the conditioning SMPL meshes with
-the clip's cameras (`isa4d.metrics.render_body_maps`, headless EGL); the module gives the posed vertices.
+the clip's cameras (`isa4d.metrics.render_body_maps`: headless EGL, else the PyTorch rasteriser on machines
+without it); the module gives the posed vertices.
 Clips a metric cannot score are skipped and counted, never silently dropped: FVD needs 16 frames
 (`fvd_num_short_clips`), pose IoU a background plate (`pose_iou_num_skipped_clips`), face-sim a visible face.
 """
@@ -70,8 +71,8 @@ class VideoEvaluation(nn.Module):
 
     def build(self) -> "VideoEvaluation":
         """Create the metrics (loading their networks) and check the renderer the body metrics need; idempotent.
-        The modules call it when a fit, validation or test starts, so a missing weight file or EGL stops the run
-        at once rather than at its first validation."""
+        The modules call it when a fit, validation or test starts, so a missing weight file stops the run at once
+        rather than at its first validation (without EGL the body metrics render with the PyTorch rasteriser)."""
         if len(self.metrics) == len(self.names):
             return self
         build = {
@@ -153,16 +154,16 @@ class VideoEvaluation(nn.Module):
                     batch.ref_has_camera[sel])
 
     def _renderer(self, height: int, width: int):
-        from isa4d.render import MeshRenderer
+        from isa4d.render import make_renderer
 
         key = (int(height), int(width))
         if key not in self._renderers:
             try:
-                self._renderers[key] = MeshRenderer(height, width)
-            except Exception as e:  # no EGL on this machine
+                self._renderers[key] = make_renderer(height, width, backend="auto")
+            except Exception as e:  # neither EGL nor the torch fallback
                 raise RuntimeError(f"metrics {[n for n in BODY_METRICS if n in self.names]} render the SMPL "
-                                   f"bodies with headless EGL, which failed here ({e}); install EGL (docs/rendering.md) "
-                                   "or leave them out of `metrics`") from e
+                                   f"bodies, which failed here ({e}); see docs/rendering.md or leave them out of "
+                                   "`metrics`") from e
         return self._renderers[key]
 
     def compute(self) -> dict[str, float]:
