@@ -160,3 +160,16 @@ def tiny_vae_checkpoint(tmp_path_factory) -> Path:
     torch.save({"state_dict": {f"vae.{k}": v for k, v in vae.state_dict().items()}, "vae_config": vae.config,
                 "global_step": 0}, path)
     return path
+
+
+def toy_world_batch(split: str, height: int, width: int, num_frames: int, batch_size: int):
+    """The first batch of the committed toy world's `split` shards (tests/assets/toy_world) at one bucket,
+    normalised, as a validation loader gives it (centred windows and crops)."""
+    from isa4d.data.datamodule import ShardDataModule
+    from isa4d.data.dataset import Bucket
+
+    urls = str(Path(__file__).resolve().parent / f"assets/toy_world/{split}-*.tar")
+    dm = ShardDataModule(val_urls=urls, buckets=[Bucket(height, width, num_frames, batch_size)], num_workers=0,
+                         pin_memory=False)
+    dm.setup("validate")
+    return next(iter(dm.val_dataloader())).normalize()

@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import toy_world_batch
 from isa4d.cli import run_cli
-from isa4d.data.datamodule import ShardDataModule
-from isa4d.data.dataset import Bucket
 from isa4d.geometry.plucker import latent_frame_groups
 from isa4d.models.dit import ISADiT
 from isa4d.models.vae import load_vae
@@ -25,10 +24,7 @@ ASSETS = ROOT / "tests/assets/toy_world"
 @pytest.fixture(scope="module")
 def toy_batch():
     """Two validation clips of the committed toy world at 32x32, 9 frames, normalised."""
-    dm = ShardDataModule(val_urls=str(ASSETS / "val-*.tar"), buckets=[Bucket(32, 32, 9, 2)], num_workers=0,
-                         pin_memory=False)
-    dm.setup("validate")
-    return next(iter(dm.val_dataloader())).normalize()
+    return toy_world_batch("val", 32, 32, 9, 2)
 
 
 def tiny_module(vae_path, body_dir, **kw) -> DiTModule:

@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import toy_world_batch
 from isa4d.cli import run_cli
-from isa4d.data.datamodule import ShardDataModule
-from isa4d.data.dataset import Bucket
 from isa4d.metrics import psnr_per_frame, ssim_per_frame
 from isa4d.models.dit import PoseConditioner
 from isa4d.training.evaluation import VideoEvaluation
@@ -25,10 +24,7 @@ ASSETS = ROOT / "tests/assets/toy_world"
 @pytest.fixture(scope="module")
 def toy_clips():
     """The committed toy world's three training clips at 64x64, 13 frames (with background plates), normalised."""
-    dm = ShardDataModule(val_urls=str(ASSETS / "train-*.tar"), buckets=[Bucket(64, 64, 13, 3)], num_workers=0,
-                         pin_memory=False)
-    dm.setup("validate")
-    return next(iter(dm.val_dataloader())).normalize()
+    return toy_world_batch("train", 64, 64, 13, 3)
 
 
 def _meshes(batch, body_dir):

@@ -11,11 +11,10 @@ import pytest
 import torch
 
 from data_prep.sample_inputs import write_sample_inputs
+from conftest import toy_world_batch
 from isa4d.cli import run_cli
 from isa4d.data import video as videolib
 from isa4d.data.contract import npz_bytes
-from isa4d.data.datamodule import ShardDataModule
-from isa4d.data.dataset import Bucket
 from isa4d.diffusion.sampling import euler_sample
 from isa4d.diffusion.schedules import sampling_timesteps
 from isa4d.diffusion.windows import window_starts
@@ -155,10 +154,7 @@ def test_a_long_video_shows_no_seam_at_window_boundaries(clip_inputs, toy_body_d
     the mean frame-to-frame change across window edges stays within 1.2x of the median change across the other
     latent-frame boundaries (`seam_ratio`)."""
     module = tiny_module(tiny_vae_checkpoint, toy_body_dir)
-    dm = ShardDataModule(val_urls=str(ASSETS / "train-*.tar"), buckets=[Bucket(32, 32, 13, 3)], num_workers=0,
-                         pin_memory=False)
-    dm.setup("validate")
-    x0, cond, _ = module.encode(next(iter(dm.val_dataloader())).normalize())
+    x0, cond, _ = module.encode(toy_world_batch("train", 32, 32, 13, 3))
     opt = torch.optim.AdamW(module.network.parameters(), lr=3e-3)
     module.network.train()
     for _ in range(120):

@@ -117,8 +117,8 @@ def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
     return np.divide(vn, norm, out=np.zeros_like(vn), where=norm > 0)
 
 
-def _mesh_arrays(mesh: Mesh) -> tuple[np.ndarray, np.ndarray]:
-    """Unrolled per-corner arrays: float32 (3F, 11) = pos, normal, albedo, uv; int32 (3F,) part id (-1 if none)."""
+def mesh_geometry(mesh: Mesh) -> tuple[np.ndarray, np.ndarray]:
+    """The mesh's vertices (V,3) float64 and faces (F,3) int, checked."""
     verts = np.asarray(mesh.vertices, dtype=np.float64)
     faces = np.asarray(mesh.faces)
     if verts.ndim != 2 or verts.shape[1] != 3:
@@ -127,6 +127,12 @@ def _mesh_arrays(mesh: Mesh) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"faces must be (F,3) int, got {faces.shape} {faces.dtype}")
     if faces.size and (faces.min() < 0 or faces.max() >= len(verts)):
         raise ValueError("faces index out of range")
+    return verts, faces
+
+
+def _mesh_arrays(mesh: Mesh) -> tuple[np.ndarray, np.ndarray]:
+    """Unrolled per-corner arrays: float32 (3F, 11) = pos, normal, albedo, uv; int32 (3F,) part id (-1 if none)."""
+    verts, faces = mesh_geometry(mesh)
     given = [n for n in ("colors", "face_colors", "texture") if getattr(mesh, n) is not None]
     if len(given) > 1:
         raise ValueError(f"give at most one of colors / face_colors / texture, got {given}")

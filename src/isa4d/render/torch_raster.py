@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from isa4d.render.rasterizer import Mesh, MeshRenderer, RenderError, RenderOutput
+from isa4d.render.rasterizer import Mesh, MeshRenderer, RenderError, RenderOutput, mesh_geometry
 
 SUBPIXEL = 256.0          # GL_SUBPIXEL_BITS = 8 on llvmpipe and NVIDIA: window coordinates snap to 1/256 px
 SCREEN_LIMIT = 2.0 ** 15  # snapped corners within +-2^15 px keep every edge-function product exact in float64
@@ -38,13 +38,7 @@ _EMPTY = torch.iinfo(torch.int64).max
 
 def _check_mesh(mesh: Mesh) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Vertices (V,3) float64, faces (F,3) and the faces' part ids + 1 (F,) int16 (0 without part ids)."""
-    verts, faces = np.asarray(mesh.vertices, dtype=np.float64), np.asarray(mesh.faces)
-    if verts.ndim != 2 or verts.shape[1] != 3:
-        raise ValueError(f"vertices must be (V,3), got {verts.shape}")
-    if faces.ndim != 2 or faces.shape[1] != 3 or not np.issubdtype(faces.dtype, np.integer):
-        raise ValueError(f"faces must be (F,3) int, got {faces.shape} {faces.dtype}")
-    if faces.size and (faces.min() < 0 or faces.max() >= len(verts)):
-        raise ValueError("faces index out of range")
+    verts, faces = mesh_geometry(mesh)
     if not 0 <= int(mesh.instance_id) <= 32767:
         raise ValueError(f"instance_id must be in [0, 32767], got {mesh.instance_id}")
     if mesh.part_ids is None:
