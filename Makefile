@@ -56,7 +56,7 @@ inspect: setup ## validate shards against the contract: make inspect URLS='data/
 
 DEMO_STEPS ?= 60
 
-demo: data ## the main job on the toy data: validate shards, train both tiny stages, evaluate them, write a sample mp4
+demo: data ## the main job on the toy data: validate shards, train both tiny stages (metrics at validation), write a sample mp4
 	$(ISA4D) data inspect '$(DATA)/*.tar'
 	$(PY) bench/bench_data.py --urls "$(DATA)/train-*.tar" --size 64 64 --frames 17 --seconds 10 --no-record
 	$(MAKE) train-vae VAE=tiny RUN_DIR=runs/demo/vae ARGS="--trainer.max_steps=$(DEMO_STEPS) --trainer.val_check_interval=$(DEMO_STEPS)"
