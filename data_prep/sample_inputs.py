@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 from pathlib import Path
 
@@ -33,11 +34,9 @@ def _raise(url: str, exn: Exception) -> None:
 
 def write_sample_inputs(shards: str, index: int, out: str | Path) -> dict:
     out = Path(out)
-    for i, raw in enumerate(iter_samples(expand_urls(shards), _raise)):
-        if i == index:
-            break
-    else:
-        raise IndexError(f"{shards} holds only {i + 1 if 'i' in locals() else 0} samples, asked for index {index}")
+    raw = next(itertools.islice(iter_samples(expand_urls(shards), _raise), index, None), None)
+    if raw is None:
+        raise IndexError(f"{shards} holds no sample at index {index}")
     s = parse_sample(raw)
     out.mkdir(parents=True, exist_ok=True)
     smpl, F = s.smpl, s.smpl.num_frames

@@ -44,7 +44,9 @@ class ClipOptions:
         return max(1, self.frame_stride - self.stride_jitter)
 
 
-def _decode(data: bytes, indices: np.ndarray, crop: CropResize, key: str, name: str, pix_fmt: str = "rgb24") -> np.ndarray:
+def decode_cropped(data: bytes, indices: np.ndarray, crop: CropResize, key: str, name: str,
+                   pix_fmt: str = "rgb24") -> np.ndarray:
+    """Frames `indices` of an encoded video, scaled to cover and cropped by `crop`: (N, H, W, C) uint8."""
     try:
         frames = videolib.decode_frames(data, indices.tolist(), size=(crop.scaled_h, crop.scaled_w), pix_fmt=pix_fmt)
     except videolib.VideoError as e:
@@ -70,11 +72,11 @@ def decode_example(s: ParsedSample, bucket: Bucket, opts: ClipOptions, rng: np.r
     stride = choose_stride(total, T, opts.frame_stride, opts.stride_jitter, rng)
     idx = sample_window(total, T, stride, rng, s.key)
     crop = cover_crop(s.info.height, s.info.width, bucket.height, bucket.width, rng=rng, jitter=opts.crop_jitter)
-    video = _decode(s.video, idx, crop, s.key, "mp4")
+    video = decode_cropped(s.video, idx, crop, s.key, "mp4")
     K = crop.apply_to_K(s.cam.K[idx].astype(np.float64)).astype(np.float32)
     smpl = s.smpl.take(idx)
-    bg = _decode(s.bg, idx, crop, s.key, "bg.mp4") if s.bg is not None else None
-    mask = _decode(s.mask, idx, crop, s.key, "mask.mp4", pix_fmt="gray") if s.mask is not None else None
+    bg = decode_cropped(s.bg, idx, crop, s.key, "bg.mp4") if s.bg is not None else None
+    mask = decode_cropped(s.mask, idx, crop, s.key, "mask.mp4", pix_fmt="gray") if s.mask is not None else None
 
     if s.ref is not None:  # an explicit reference image, with its camera and bodies when ref.npz came along
         ref, ref_crop = reference_image(s.ref.image, bucket, s.key)
@@ -84,7 +86,7 @@ def decode_example(s: ParsedSample, bucket: Bucket, opts: ClipOptions, rng: np.r
         ref_smpl = s.ref.smpl if has_camera else s.smpl.take(np.zeros(1, dtype=np.int64))
     else:  # a frame of the clip far from the window, seen through the same crop
         r = reference_frame(total, idx, rng)
-        ref = _decode(s.video, np.array([r]), crop, s.key, "mp4 (reference frame)")[0]
+        ref = decode_cropped(s.video, np.array([r]), crop, s.key, "mp4 (reference frame)")[0]
         has_camera = True
         ref_K = crop.apply_to_K(s.cam.K[r].astype(np.float64)).astype(np.float32)
         ref_w2c = s.cam.w2c[r]

@@ -16,7 +16,6 @@ from dataclasses import dataclass, replace
 from typing import Callable, Mapping
 
 import torch
-from einops import rearrange
 from torch import nn
 
 from isa4d.data.batch import Batch
@@ -125,9 +124,7 @@ def generate(module, batch: Batch, tiles: ReferenceTiles | None = None, *, steps
                            sampler, window, overlap, on_call=bar.update if bar is not None else None)
     if bar is not None:
         bar.close()
-    vae_dtype = next(vae.parameters()).dtype
-    video = vae.decode(vae.denormalize_latents(latent).to(vae_dtype), chunk_frames=decode_chunk_frames)
-    return rearrange(video.float().clamp(-1, 1), "b c t h w -> b t c h w"), points
+    return module.decode(latent, decode_chunk_frames), points
 
 
 def seam_ratio(video: torch.Tensor, starts: list[int], window: int, temporal_factor: int = 4) -> dict[str, float]:

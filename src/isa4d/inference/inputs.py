@@ -31,9 +31,9 @@ from torch.utils.data import DataLoader
 
 from isa4d.data import video as videolib
 from isa4d.data.batch import Batch, SMPLBatch
-from isa4d.data.contract import CameraSequence, SampleError, SMPLSequence, parse_reference
+from isa4d.data.contract import CameraSequence, SampleError, parse_reference
 from isa4d.data.dataset import Bucket
-from isa4d.data.examples import reference_image
+from isa4d.data.examples import decode_cropped, reference_image
 from isa4d.geometry.camera import cover_crop
 from isa4d.inference.camera_path import camera_path
 from isa4d.inference.generate import ReferenceTiles
@@ -180,13 +180,15 @@ class SampleInputs(L.LightningDataModule):
         data = path.read_bytes()
         try:
             info = videolib.probe(data)
-            crop = cover_crop(info.height, info.width, self.height, self.width)
-            frames = videolib.decode_all(data, size=(crop.scaled_h, crop.scaled_w))
         except videolib.VideoError as e:
             raise ValueError(f"data.background: {path}: {e}") from e
-        if len(frames) < F:
-            raise ValueError(f"data.background: {path} has {len(frames)} frames, the sample needs {F}")
-        return frames[:F, crop.top: crop.top + crop.out_h, crop.left: crop.left + crop.out_w]
+        if info.num_frames < F:
+            raise ValueError(f"data.background: {path} has {info.num_frames} frames, the sample needs {F}")
+        crop = cover_crop(info.height, info.width, self.height, self.width)
+        try:  # only the frames the sample uses, decoded at the covering size and cropped as the loader does
+            return decode_cropped(data, np.arange(F), crop, str(path), "background")
+        except SampleError as e:
+            raise ValueError(f"data.background: {e}") from e
 
     def request(self) -> SampleRequest:
         motion = self.motion()

@@ -16,9 +16,8 @@ import torch
 from einops import rearrange
 
 from isa4d.data import video as videolib
-from isa4d.geometry.camera import project
 from isa4d.metrics import render_body_maps
-from isa4d.training.video_logging import draw_points
+from isa4d.training.video_logging import body_points_overlay
 
 
 def encode_mp4(video: torch.Tensor, fps: float) -> bytes:
@@ -49,24 +48,15 @@ def pose_overlay(module, batch, video: torch.Tensor, points: torch.Tensor) -> to
     except Exception as e:  # no renderer at all: dots at the projected surface points
         warnings.warn(f"no renderer ({e}): the pose overlay draws surface points instead of part maps",
                       stacklevel=2)
-        return torch.stack([_points_overlay(batch, video, points, b) for b in range(len(video))])
+        return torch.stack([body_points_overlay(video[b], points[b], batch.K[b], batch.w2c[b], batch.person_mask[b])
+                            for b in range(len(video))])
     try:
-        s, body = batch.smpl, module.conditioner.bodies["neutral"]
-        with torch.autocast(video.device.type, enabled=False):
-            verts = module.conditioner.mesh(s.betas, s.global_orient, s.body_pose, s.transl, batch.gender)
-        _, parts = render_body_maps(renderer, verts, body.faces, body.part_ids, batch.K, batch.w2c, batch.person_mask)
+        body = module.conditioner.bodies["neutral"]
+        _, parts = render_body_maps(renderer, module.body_meshes(batch.smpl, batch.gender), body.faces, body.part_ids,
+                                    batch.K, batch.w2c, batch.person_mask)
     finally:
         renderer.close()
     return torch.stack([overlay_parts(video[b], parts[b].to(video.device)) for b in range(len(video))])
-
-
-def _points_overlay(batch, video: torch.Tensor, points: torch.Tensor, b: int) -> torch.Tensor:
-    P, V = points.shape[1], points.shape[3]
-    pts = rearrange(points[b], "p t v c -> t (p v) c")  # (T, P·V, 3)
-    uvz = project(pts, batch.K[b], batch.w2c[b])
-    valid = (uvz[..., 2] > 0) & batch.person_mask[b].repeat_interleave(V)[None]
-    person = torch.arange(P, device=points.device).repeat_interleave(V)
-    return draw_points(video[b], uvz[..., :2], valid, person)
 
 
 class SampleWriter(L.Callback):

@@ -25,14 +25,13 @@ from isa4d.data.batch import Batch
 from isa4d.diffusion.flow import FlowMatching
 from isa4d.diffusion.sampling import SAMPLERS
 from isa4d.diffusion.schedules import sampling_timesteps, shift_for_tokens
-from isa4d.geometry.camera import project
 from isa4d.inference.generate import generate, sample_latent
 from isa4d.inference.inputs import SampleRequest
 from isa4d.models.dit import DiTConditions, ISADiT, PoseConditioner
 from isa4d.models.vae import CausalVideoVAE, load_vae
 from isa4d.parallel import ParallelConfig, configure_parallel
 from isa4d.training.evaluation import VideoEvaluation
-from isa4d.training.video_logging import draw_points, log_video, video_grid
+from isa4d.training.video_logging import body_points_overlay, log_video, video_grid
 
 
 DIT_METRICS = ("psnr", "ssim", "fvd", "part_appearance", "pose_iou")
@@ -180,29 +179,29 @@ class DiTModule(L.LightningModule):
         self.log(f"{stage}/loss", torch.stack(losses).mean(), sync_dist=True, batch_size=B)
         if stage == "val" and batch_idx >= self.val_sample_batches:
             return
-        latent = self.sample(cond, x0.shape, generator)
-        vae_dtype = next(self.vae.parameters()).dtype
-        video = self.vae.decode(self.vae.denormalize_latents(latent).to(vae_dtype)).float().clamp(-1, 1)
-        video = rearrange(video, "b c t h w -> b t c h w")  # (B, T, 3, H, W)
-        self._score(batch, video)
+        video = self.decode(self.sample(cond, x0.shape, generator))  # (B, T, 3, H, W)
+        self.score(batch, video)
         if batch_idx == 0 and self.video_log_count > 0 and self.trainer.is_global_zero:
             self._log_samples(batch, video, points, stage)
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         self.validation_step(batch, batch_idx, stage="test")
 
-    def _score(self, batch: Batch, video: torch.Tensor) -> None:
-        """Update the metrics with a sampled video (B, T, 3, H, W); the body meshes when a metric renders them."""
-        if not self.evaluation.needs_bodies:
-            self.evaluation.update(batch, video)
+    def score(self, batch: Batch, video: torch.Tensor, evaluation: VideoEvaluation | None = None) -> None:
+        """Update `evaluation` (default: the module's) with a video (B, T, 3, H, W) made for `batch`, and with the
+        batch's posed body meshes when a metric renders them."""
+        evaluation = self.evaluation if evaluation is None else evaluation
+        if not evaluation.needs_bodies:
+            evaluation.update(batch, video)
             return
-        c, body = self.conditioner, self.conditioner.bodies["neutral"]
-        with torch.autocast(video.device.type, enabled=False):
-            vertices = c.mesh(batch.smpl.betas, batch.smpl.global_orient, batch.smpl.body_pose, batch.smpl.transl,
-                              batch.gender)  # (B, P, T, V, 3)
-            ref = batch.ref_smpl
-            ref_vertices = c.mesh(ref.betas, ref.global_orient, ref.body_pose, ref.transl, batch.gender)
-        self.evaluation.update(batch, video, vertices, ref_vertices, body.faces, body.part_ids)
+        body = self.conditioner.bodies["neutral"]  # faces and part ids, shared by the genders
+        evaluation.update(batch, video, self.body_meshes(batch.smpl, batch.gender),
+                          self.body_meshes(batch.ref_smpl, batch.gender), body.faces, body.part_ids)
+
+    def body_meshes(self, smpl, gender: list[str]) -> torch.Tensor:
+        """All mesh vertices (B, P, T, V, 3) of a batch's `SMPLBatch`, posed in fp32 (for rendering)."""
+        with torch.autocast(smpl.betas.device.type, enabled=False):
+            return self.conditioner.mesh(smpl.betas, smpl.global_orient, smpl.body_pose, smpl.transl, gender)
 
     def on_validation_epoch_end(self, stage: str = "val") -> None:
         metrics = self.evaluation.compute()
@@ -222,6 +221,13 @@ class DiTModule(L.LightningModule):
         return sample_latent(self.network, cond, noise, timesteps, self.guidance if guidance is None else guidance,
                              sampler or self.sampler)
 
+    def decode(self, latent: torch.Tensor, chunk_frames: int | None = None) -> torch.Tensor:
+        """A normalised latent (B, C, T', h, w) -> video (B, T, 3, H, W) in [-1, 1], float32, through the frozen
+        VAE (in its dtype; `chunk_frames`: temporal chunks of that many video frames)."""
+        vae_dtype = next(self.vae.parameters()).dtype
+        video = self.vae.decode(self.vae.denormalize_latents(latent).to(vae_dtype), chunk_frames=chunk_frames)
+        return rearrange(video.float().clamp(-1, 1), "b c t h w -> b t c h w")
+
     def predict_step(self, request: SampleRequest, batch_idx: int) -> dict:
         """`isa4d sample`: a video for each request of `isa4d.inference.SampleInputs` (written by `SampleWriter`)."""
         video, points = generate(self, request.batch, request.tiles, seed=self.sample_seed,
@@ -231,13 +237,8 @@ class DiTModule(L.LightningModule):
 
     def _log_samples(self, batch: Batch, video: torch.Tensor, points: torch.Tensor, stage: str = "val") -> None:
         """ground truth | sample | sample with the conditioning surface points, one row per clip."""
-        P, V = points.shape[1], points.shape[3]
-        person = torch.arange(P, device=points.device).repeat_interleave(V)  # (P·V,)
         for i in range(min(self.video_log_count, len(batch))):
-            pts = rearrange(points[i], "p t v c -> t (p v) c")  # (T, P·V, 3)
-            uvz = project(pts, batch.K[i], batch.w2c[i])  # (T, P·V, 3)
-            valid = (uvz[..., 2] > 0) & batch.person_mask[i].repeat_interleave(V)[None]
-            overlay = draw_points(video[i], uvz[..., :2], valid, person)
+            overlay = body_points_overlay(video[i], points[i], batch.K[i], batch.w2c[i], batch.person_mask[i])
             grid = video_grid([batch.video[i], video[i], overlay])
             log_video(self.logger, f"{stage}/sample_{i}", grid.cpu(), self.global_step)
 

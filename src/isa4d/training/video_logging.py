@@ -11,6 +11,8 @@ import io
 
 import torch
 from einops import rearrange
+
+from isa4d.geometry.camera import project
 from lightning.fabric.loggers import TensorBoardLogger
 from PIL import Image
 from tensorboard.compat.proto.summary_pb2 import Summary
@@ -102,3 +104,14 @@ def draw_points(video: torch.Tensor, uv: torch.Tensor, valid: torch.Tensor, pers
             ti, ki = ok.nonzero(as_tuple=True)
             out[ti, :, v[ti, ki], u[ti, ki]] = col[ki]
     return out
+
+
+def body_points_overlay(video: torch.Tensor, points: torch.Tensor, K: torch.Tensor, w2c: torch.Tensor,
+                        person_mask: torch.Tensor) -> torch.Tensor:
+    """video (T, 3, H, W) with the posed body points (P, T, V, 3) drawn in their person's colour, projected with
+    K (T, 3, 3) and w2c (T, 4, 4); points of padded people (person_mask (P,) False) and behind the camera left out."""
+    P, V = points.shape[0], points.shape[2]
+    uvz = project(rearrange(points, "p t v c -> t (p v) c"), K, w2c)  # (T, P·V, 3)
+    valid = (uvz[..., 2] > 0) & person_mask.repeat_interleave(V)[None]
+    person = torch.arange(P, device=points.device).repeat_interleave(V)  # (P·V,)
+    return draw_points(video, uvz[..., :2], valid, person)

@@ -98,7 +98,6 @@ class ISADiTBlock(nn.Module):
         z = z + gated(rearrange(h, "(b n) t d -> b t n d", b=B), mod["video_temporal"][2])  # (B, T, N, D)
 
         # 2. 3D tokens: temporal attention per body point
-        M = y.shape[2]
         h = rearrange(pre("point_temporal", y), "b t m d -> (b m) t d")
         h = self.point_temporal_attn(h, inputs.temporal_rope)
         y = y + gated(rearrange(h, "(b m) t d -> b t m d", b=B), mod["point_temporal"][2])  # (B, T, M, D)
