@@ -1,6 +1,7 @@
-"""ISA-DiT training-step time and peak memory on one GPU, by parallelisation variant.
+"""ISA-DiT training-step time, achieved TFLOP/s, MFU and peak memory, by parallelisation variant, on one or more GPUs.
 
     python bench/bench_dit.py --preset base --size 256 --frames 33 --batch 2 --people 3 [--record]
+    torchrun --nproc_per_node 2 bench/bench_dit.py --variants fsdp ...    # FSDP2 over the GPUs; --batch per GPU
 
 Times forward + backward + AdamW of the flow-matching loss on random latents and conditions of the given clip size
 (the VAE's 4x8x8 compression), for each variant:
@@ -9,9 +10,15 @@ Times forward + backward + AdamW of the flow-matching loss on random latents and
     fsdp               isa4d.parallel.parallelize on a 1-GPU mesh: FSDP2, bf16 compute, fp32 master weights
     fsdp+compile       ... with torch.compile per block
     fsdp+selective     ... with selective activation checkpointing (keep matmul/attention outputs)
+    fsdp+full          ... with full activation checkpointing (each block recomputed in backward)
     fsdp+full+compile  ... with full activation checkpointing and compile
 
-Medians over timed repeats after warm-up; video tokens/s counts the latent patches of the clip.
+Medians over timed repeats after warm-up (the slowest rank's); video tokens/s counts the latent patches of the clip.
+FLOPs are the model's real ones: every matmul, convolution and attention of one forward + backward, counted by
+torch.utils.flop_counter on the meta device (no memory), so achieved TFLOP/s = FLOPs / step time and MFU is that
+over the GPU's dense bf16 peak (--peak-tflops, 989 for the H100 and H200 SXM). Under torchrun each process drives
+one GPU; FSDP2 shards over all of them and --batch is per GPU (weak scaling), so tokens/s per GPU at N GPUs over
+that at 1 GPU is the per-GPU scaling efficiency.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import yaml
 from bench_vae import timed  # bench/ is the script's folder, so it is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("eager", "fsdp", "fsdp+compile", "fsdp+selective", "fsdp+full+compile")
+VARIANTS = ("eager", "fsdp", "fsdp+compile", "fsdp+selective", "fsdp+full", "fsdp+full+compile")
 
 
 def network_args(preset: str) -> dict:
@@ -47,6 +54,26 @@ def conditions(B: int, P: int, T: int, V: int, h: int, w: int, C: int, F: int, d
         person_mask=torch.ones(B, P, dtype=torch.bool, device=device), plucker=r(B, T, 6 * F, h, w),
         ref_latent=r(B, C, h, w), ref_points_ndc=(torch.rand(B, P, V, 2, generator=g) * 2 - 1).to(device),
         ref_points_valid=torch.ones(B, P, V, dtype=torch.bool, device=device), background=r(B, C, T, h, w))
+
+
+def step_flops(a: argparse.Namespace) -> float:
+    """FLOPs of one forward + backward of the flow-matching loss at the bench's shapes (one GPU's batch)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from isa4d.diffusion.flow import FlowMatching
+    from isa4d.models.dit import ISADiT
+
+    meta = torch.device("meta")
+    with meta:
+        net = ISADiT(**network_args(a.preset))
+    T, h, w = 1 + (a.frames - 1) // 4, a.size // 8, a.size // 8
+    x0 = torch.randn(a.batch, net.latent_channels, T, h, w, device=meta)
+    cond = conditions(a.batch, a.people, T, net.num_points, h, w, net.latent_channels, net.frames_per_latent, meta)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss, _ = FlowMatching().loss(net, x0, {"cond": cond})
+        loss.backward()
+    return float(counter.get_total_flops())
 
 
 def run_variant(variant: str, a: argparse.Namespace, mesh, device: torch.device) -> dict:
@@ -79,9 +106,15 @@ def run_variant(variant: str, a: argparse.Namespace, mesh, device: torch.device)
     torch.cuda.reset_peak_memory_stats()
     t = timed(step, device, a.repeats)
     peak = torch.cuda.max_memory_allocated() / 2**30
+    if mesh.size() > 1:  # the slowest rank sets the pace; memory is reported for the fullest GPU
+        stats = torch.tensor([t, peak], device=device)
+        torch.distributed.all_reduce(stats, op=torch.distributed.ReduceOp.MAX)
+        t, peak = stats.tolist()
     tokens = a.batch * T * (h // net.patch_size) * (w // net.patch_size)
-    out = {"variant": variant, "ms": t * 1e3, "video_tokens_per_s": tokens / t, "peak_gib": peak,
-           "params_m": net.num_parameters / 1e6 if variant == "eager" else None}
+    tflops = a.flops / t / 1e12
+    out = {"variant": variant, "gpus": mesh.size(), "ms": t * 1e3, "video_tokens_per_s_per_gpu": tokens / t,
+           "tflops_per_gpu": tflops, "mfu": tflops / a.peak_tflops, "peak_gib": peak,
+           "params_m": net.num_parameters / 1e6}  # DTensor numel is the global size
     del net, opt
     torch.cuda.empty_cache()
     return out
@@ -97,47 +130,62 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak, for MFU")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     ap.add_argument("--record", action="store_true", help="append the result to docs/benchmarks.md")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_dit.py times GPU training steps: no CUDA device here")
-    device = torch.device("cuda")
+    for key, default in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29517"), ("RANK", "0"), ("WORLD_SIZE", "1"),
+                         ("LOCAL_RANK", "0")):
+        os.environ.setdefault(key, default)  # a plain `python` run is a world of one; torchrun sets them all
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    torch.cuda.set_device(device)
+    if world > 1 and "eager" in a.variants:
+        raise SystemExit("the eager variant is one unsharded GPU; under torchrun pass --variants fsdp ...")
     torch.backends.cuda.matmul.allow_tf32 = True
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29517")
-    torch.distributed.init_process_group("nccl", rank=0, world_size=1)
+    torch.distributed.init_process_group("nccl", device_id=device)
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh("cuda", (1,))
+    mesh = init_device_mesh("cuda", (world,))
+    a.flops = step_flops(a)
     results = []
     for variant in a.variants:
         try:
             results.append(run_variant(variant, a, mesh, device))
         except torch.OutOfMemoryError:
-            results.append({"variant": variant, "error": "out of memory"})
+            results.append({"variant": variant, "gpus": world, "error": "out of memory"})
             torch.cuda.empty_cache()
-        print(json.dumps(results[-1]), flush=True)
+        if rank == 0:
+            print(json.dumps(results[-1]), flush=True)
     torch.distributed.destroy_process_group()
+    if rank:
+        return
     params = next((r["params_m"] for r in results if r.get("params_m")), None)
     name = torch.cuda.get_device_name()
     T = 1 + (a.frames - 1) // 4
-    rows = ["| variant | step (ms) | video tokens/s | peak (GiB) |", "|---|---|---|---|"]
+    rows = ["| variant | GPUs | step (ms) | video tokens/s per GPU | TFLOP/s per GPU | MFU | peak (GiB) |",
+            "|---|---|---|---|---|---|---|"]
     for r in results:
-        rows.append(f"| {r['variant']} | {r['error']} | | |" if "error" in r else
-                    f"| {r['variant']} | {r['ms']:.1f} | {r['video_tokens_per_s']:.0f} | {r['peak_gib']:.2f} |")
+        rows.append(f"| {r['variant']} | {world} | {r['error']} | | | | |" if "error" in r else
+                    f"| {r['variant']} | {world} | {r['ms']:.1f} | {r['video_tokens_per_s_per_gpu']:.0f} | "
+                    f"{r['tflops_per_gpu']:.1f} | {100 * r['mfu']:.1f}% | {r['peak_gib']:.2f} |")
+    print(f"model FLOPs per step and GPU (fwd+bwd): {a.flops / 1e12:.2f} TFLOP")
     print("\n".join(rows))
     if a.json:
         Path(a.json).write_text(json.dumps({"args": vars(a), "device": name, "torch": torch.__version__,
-                                            "results": results}, indent=1))
+                                            "gpus": world, "results": results}, indent=1))
     if a.record:
-        cmd = (f"python bench/bench_dit.py --preset {a.preset} --size {a.size} --frames {a.frames} --batch {a.batch} "
+        launcher = f"torchrun --nproc_per_node {world}" if world > 1 else "python"
+        cmd = (f"{launcher} bench/bench_dit.py --variants {' '.join(a.variants)} --preset {a.preset} --size {a.size} --frames {a.frames} --batch {a.batch} "
                f"--people {a.people} --warmup {a.warmup} --repeats {a.repeats} --record")
         entry = "\n".join([
             f"\n### ISA-DiT `{a.preset}` ({params or float('nan'):.1f}M parameters) training step, {name} "
             f"({datetime.date.today().isoformat()})",
             f"- torch {torch.__version__}, {platform.python_version()}; clip {a.batch}x{a.frames}x{a.size}x{a.size} "
-            f"(latent {T}x{a.size // 8}x{a.size // 8}), {a.people} people; AdamW (fused)",
+            f"(latent {T}x{a.size // 8}x{a.size // 8}) per GPU, {a.people} people; AdamW (fused); "
+            f"{a.flops / 1e12:.2f} TFLOP per step and GPU (fwd+bwd)",
             f"- command: `{cmd}`", "", *rows, ""])
         with open(ROOT / "docs" / "benchmarks.md", "a") as f:
             f.write(entry)

@@ -23,6 +23,7 @@ class BatchProbe(L.LightningModule):
         self.train_shapes: list[tuple[int, str, list[int]]] = []
         self.head = nn.Linear(3, 3)
         self.seen_keys: list[str] = []
+        self.train_keys: list[str] = []
         self.losses: list[float] = []
 
     def _loss(self, batch: Batch) -> torch.Tensor:
@@ -35,6 +36,7 @@ class BatchProbe(L.LightningModule):
         loss = self._loss(batch)
         self.losses.append(loss.item())
         self.train_shapes.append((self.global_step, batch.stats.get("bucket", "?"), list(batch.video.shape)))
+        self.train_keys.extend(batch.key)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
         return loss
 
@@ -46,7 +48,8 @@ class BatchProbe(L.LightningModule):
     def on_fit_end(self) -> None:
         if self.record_dir:  # one file per rank, for the multi-process tests
             path = Path(self.record_dir) / f"rank{self.global_rank}.json"
-            path.write_text(json.dumps({"train": self.train_shapes, "val_keys": self.seen_keys}))
+            path.write_text(json.dumps({"train": self.train_shapes, "train_keys": self.train_keys,
+                                        "val_keys": self.seen_keys}))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.lr)

@@ -71,6 +71,22 @@ def fit_command(run_dir: Path, shards: str, callbacks: Path, *args: str, entry: 
     ]
 
 
+def dit_fit_command(run_dir: Path, shards: str, callbacks: Path, vae_checkpoint: Path, body_dir: Path,
+                    *args: str) -> list[str]:
+    """`isa4d fit` of the tiny DiT on a frozen tiny VAE with cpu_fsdp (2 processes) on 32x32x5 toy-world clips."""
+    return [
+        str(Path(sys.executable).with_name("isa4d")), "fit",
+        "-c", str(ROOT / "configs/dit/tiny.yaml"), "-c", str(ROOT / "configs/data/toy.yaml"),
+        "-c", str(ROOT / "configs/trainer/cpu_fsdp.yaml"), "-c", str(callbacks),
+        f"--data.init_args.train_urls={shards}", f"--data.init_args.val_urls={shards}",
+        f"--data.init_args.buckets={BUCKET}", "--data.init_args.num_workers=2", "--data.init_args.segment_steps=3",
+        f"--model.init_args.vae_checkpoint={vae_checkpoint}", f"--model.init_args.body_model_dir={body_dir}",
+        "--model.init_args.evaluation.init_args.metrics=[psnr,ssim]", "--model.init_args.sample_steps=2",
+        "--trainer.val_check_interval=3", "--trainer.limit_val_batches=2",
+        f"--trainer.default_root_dir={run_dir}", f"--trainer.logger.init_args.save_dir={run_dir}", *args,
+    ]
+
+
 def env() -> dict[str, str]:
     path = [str(ROOT), str(ROOT / "src"), str(ROOT / "tests"), *filter(None, [os.environ.get("PYTHONPATH")])]
     return {**os.environ, "PYTHONPATH": os.pathsep.join(path), "OMP_NUM_THREADS": "1"}

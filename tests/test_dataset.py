@@ -133,6 +133,27 @@ def test_eval_split_over_ranks_and_workers_is_complete_and_disjoint(marker_shard
     assert sorted(by_worker.values()) == [2, 2, 2, 2]
 
 
+def test_distributed_eval_pads_a_short_share_with_marked_repeats(marker_shards, marker_samples):
+    """3 ranks x 1 worker over 8 clips in batches of 3: shares of 3, 3 and 2 clips (1 batch each); after it each
+    rank goes on with padding batches, so any number of batches can be taken in lockstep. A rank whose share is
+    empty pads from the whole set."""
+    real, padded = [], []
+    for rank in range(3):
+        ds = ClipDataset(marker_shards, [Bucket(32, 32, 4, 3)], train=False, rank=rank, world_size=3,
+                         pad_eval=True)
+        batches = take(iter(ds), 4)
+        assert len(batches) == 4 and not batches[0].stats.get("padding")
+        assert all(b.stats["padding"] for b in batches[1:])
+        assert all(b.key == batches[0].key for b in batches[1:])  # the share, repeated
+        real.extend(batches[0].key)
+    assert sorted(real) == sorted(marker_samples)
+    ds = ClipDataset(marker_shards, [Bucket(32, 32, 4, 3)], train=False, rank=9, world_size=10, pad_eval=True)
+    batches = take(iter(ds), 2)  # 8 clips over 10 ranks: this rank's share is empty
+    assert len(batches) == 2 and all(b.stats["padding"] for b in batches)
+    unpadded = ClipDataset(marker_shards, [Bucket(32, 32, 4, 3)], train=False, rank=0, world_size=3)
+    assert len(list(unpadded)) == 1
+
+
 # One bucket per marker aspect, each with its own size, length and batch size.
 BUCKETS = [Bucket(48, 72, 6, 2), Bucket(72, 48, 4, 1, weight=2.0), Bucket(40, 40, 5, 3)]
 

@@ -1,4 +1,5 @@
-"""Two real processes (DDP on gloo, CPU) through the isa4d CLI: disjoint, complete validation; same buckets per step."""
+"""Two real processes (DDP on gloo, CPU) through the isa4d CLI: disjoint training streams, disjoint and complete
+validation, the same buckets per step."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_two_ranks_split_validation_and_share_bucket_schedule(tmp_path):
+def test_two_ranks_train_on_disjoint_data_split_validation_and_share_bucket_schedule(tmp_path):
     from data_prep.synthetic_shards import write_shards
 
     shards = tmp_path / "shards"
@@ -39,6 +40,10 @@ def test_two_ranks_split_validation_and_share_bucket_schedule(tmp_path):
     # the same bucket (and so the same shapes) on both ranks at every step, and the schedule does mix buckets
     assert [s[1:] for s in r0["train"]] == [s[1:] for s in r1["train"]]
     assert len({s[1] for s in r0["train"]}) == 2
+    # training: each rank resamples from its own shards (3 shards dealt round-robin), so no clip on both
+    train0, train1 = set(r0["train_keys"]), set(r1["train_keys"])
+    assert len(r0["train_keys"]) >= 8 and len(r1["train_keys"]) >= 8
+    assert not train0 & train1, train0 & train1
     # validation: every clip exactly once across the two ranks
     keys0, keys1 = set(r0["val_keys"]), set(r1["val_keys"])
     assert not keys0 & keys1

@@ -15,7 +15,7 @@ import webdataset as wds
 from isa4d.data.buckets import Bucket
 from isa4d.data.dataset import ClipDataset
 from isa4d.data.examples import ClipOptions
-from isa4d.data.shards import expand_urls, iter_samples, resampled_urls, shuffled, split_for_worker
+from isa4d.data.shards import expand_urls, iter_samples, resampled_urls, shuffled, split_for_rank, split_for_worker
 
 
 def write_tiny_shards(root: Path, num_shards: int, per_shard: int) -> tuple[list[str], list[str]]:
@@ -150,6 +150,29 @@ def test_split_for_worker_is_complete_and_disjoint(tmp_path, num_shards, world_s
         assert max(shard_counts) - min(shard_counts) <= 1
     else:  # every worker reads every shard and keeps its share of samples
         assert set(shard_counts) == {num_shards} and max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.parametrize("num_shards, world_size", [(5, 2), (4, 4), (1, 2), (2, 3), (3, 1)])
+def test_split_for_rank_is_complete_and_disjoint(tmp_path, num_shards, world_size):
+    paths, keys = write_tiny_shards(tmp_path, num_shards, 7)
+    parts = []
+    for rank in range(world_size):
+        urls, select = split_for_rank(paths, rank, world_size)
+        parts.append([s["__key__"] for s in iter_samples(urls, Errors(), select)])
+    for a, b in itertools.combinations(parts, 2):
+        assert not set(a) & set(b)
+    assert sorted(k for p in parts for k in p) == sorted(keys)
+    sizes = [len(p) for p in parts]
+    if num_shards < world_size:  # every rank reads every shard and keeps its share of samples
+        assert max(sizes) - min(sizes) <= num_shards
+
+
+def test_a_shard_with_none_of_a_readers_samples_counts_as_empty(tmp_path):
+    paths, _ = write_tiny_shards(tmp_path, 1, 2)
+    errors = Errors()
+    urls, select = split_for_rank(paths, 2, 3)  # 3 ranks, 2 samples: rank 2 has none
+    assert list(iter_samples(urls, errors, select)) == []
+    assert len(errors) == 1 and "none of the shard's 2 samples" in str(errors[0][1])
 
 
 def test_resampled_urls_draw_with_replacement_from_a_seeded_rng():

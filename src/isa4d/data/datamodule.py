@@ -8,6 +8,7 @@ from collections import Counter
 from typing import Any, Sequence
 
 import lightning as L
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader
 
 from isa4d.data.batch import Batch
@@ -142,12 +143,28 @@ class ShardDataModule(L.LightningDataModule):
         return self._loader(self._dataset(self.train_urls, self.buckets, train=True))
 
     def val_dataloader(self) -> DataLoader | list:
-        if self.val_urls is None:
-            return []
-        return self._loader(self._dataset(self.val_urls, [self.val_bucket or self.buckets[0]], train=False))
+        return self._eval_loader("limit_val_batches")
 
     def test_dataloader(self) -> DataLoader | list:
-        return self.val_dataloader()
+        return self._eval_loader("limit_test_batches")
+
+    def _eval_loader(self, limit_key: str) -> DataLoader | list:
+        """The validation (or test) pass. On several processes each rank evaluates its own share; with an integer
+        `trainer.<limit_key>` every rank then runs exactly that many batches, padding a short share with marked
+        repeats (FSDP's collectives need ranks in lockstep), and without one (the whole set) FSDP refuses, since
+        shares differ in length."""
+        if self.val_urls is None:
+            return []
+        _, world = self._distributed()
+        limit = getattr(self.trainer, limit_key, None) if self.trainer is not None else None
+        whole = not isinstance(limit, int) or isinstance(limit, bool)
+        if world > 1 and whole and isinstance(self.trainer.strategy, ModelParallelStrategy):
+            raise ValueError(f"trainer.{limit_key}: a whole-set evaluation ({limit!r}) cannot run on {world} FSDP "
+                             f"processes, whose shares of the clips differ in length; give a number of batches "
+                             f"per process (an integer, e.g. --trainer.{limit_key}=50)")
+        ds = self._dataset(self.val_urls, [self.val_bucket or self.buckets[0]], train=False)
+        ds.pad_eval = world > 1 and not whole
+        return self._loader(ds)
 
     def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         self.health.update(batch.stats)

@@ -1,7 +1,9 @@
 """The streaming clip dataset: shards -> parsed samples -> bucketed, decoded, collated batches.
 
 Batches are formed inside the loader workers (the DataLoader runs with batch_size=None), because a batch's shape
-is its bucket's. Training streams are resampled and endless; validation is one ordered, deterministic pass.
+is its bucket's. Training streams are resampled and endless, each rank from its own disjoint part of the data
+(shards dealt round-robin, or each shard's samples by index when there are fewer shards than ranks); validation is one
+ordered, deterministic pass split across ranks.
 
 Resumable training stream. The batch of training step s depends only on (seed, rank, s) and the number of loader
 workers W, never on where the stream started: worker w of a stream starting at step k serves the steps
@@ -28,7 +30,7 @@ from isa4d.data.batch import Batch, collate
 from isa4d.data.buckets import Bucket, BucketSchedule, fits
 from isa4d.data.contract import ParsedSample, SampleError, parse_sample
 from isa4d.data.examples import ClipOptions, decode_example
-from isa4d.data.shards import expand_urls, iter_samples, resampled_urls, shuffled, split_for_worker
+from isa4d.data.shards import expand_urls, iter_samples, resampled_urls, shuffled, split_for_rank, split_for_worker
 
 log = logging.getLogger("isa4d.data")
 
@@ -73,7 +75,8 @@ class ClipDataset(IterableDataset):
 
     `rank`/`world_size` are set by the datamodule. `start_step` is the step the stream begins at (the data
     position of a resumed run): the bucket schedule and, for resampled streams, the batches themselves depend
-    on the step alone (module doc). `segment_steps`: how often the resampled stream restarts.
+    on the step alone (module doc). `segment_steps`: how often the resampled stream restarts. `pad_eval`: an
+    evaluation stream goes on after its pass with padding batches (`_padding_batches`), for distributed runs.
     """
 
     def __init__(
@@ -93,6 +96,7 @@ class ClipDataset(IterableDataset):
         world_size: int = 1,
         start_step: int = 0,
         segment_steps: int = 500,
+        pad_eval: bool = False,
     ):
         super().__init__()
         if segment_steps < 1:
@@ -103,7 +107,7 @@ class ClipDataset(IterableDataset):
         self.shuffle_buffer, self.pool_size = shuffle_buffer, pool_size
         self.max_skip_fraction, self.min_samples = max_skip_fraction, min_samples_for_skip_check
         self.rank, self.world_size, self.start_step = rank, world_size, start_step
-        self.segment_steps = segment_steps
+        self.segment_steps, self.pad_eval = segment_steps, pad_eval and not train
         self.epoch = 0
 
     # ------------------------------------------------------------------------------------------- the raw stream
@@ -113,8 +117,9 @@ class ClipDataset(IterableDataset):
         return (0, 1) if info is None else (info.id, info.num_workers)
 
     def _parsed(self, counter: SkipCounter, worker: int, num_workers: int, rng: np.random.Generator) -> Iterator[ParsedSample]:
-        if self.resampled:
-            samples = iter_samples(resampled_urls(self.urls, rng), counter.shard_error)
+        if self.resampled:  # each rank resamples from its own part of the data (split_for_rank)
+            urls, select = split_for_rank(list(self.urls), self.rank, self.world_size)
+            samples = iter_samples(resampled_urls(urls, rng), counter.shard_error, select)
             samples = shuffled(samples, self.shuffle_buffer, rng) if self.shuffle_buffer > 1 else samples
             keep = lambda i: True  # noqa: E731
         else:
@@ -147,6 +152,29 @@ class ClipDataset(IterableDataset):
             yield from self._train_batches(parsed, counter, gid, itertools.count(first, num_workers), first)
         else:
             yield from self._eval_batches(parsed, counter, gid)
+            if self.pad_eval:
+                yield from self._padding_batches(counter, gid, worker, num_workers)
+
+    def _padding_batches(self, counter: SkipCounter, gid: int, worker: int, num_workers: int) -> Iterator[Batch]:
+        """After a distributed evaluation pass: the worker's share again, then again, each batch marked
+        `stats["padding"]` (from the whole set if the share is empty), so every rank can run the same number of
+        batches (the trainer's integer limit_*_batches), which FSDP's collectives need. Modules run padding
+        batches like any other and leave them out of their metrics."""
+        scratch = SkipCounter(1.0, 1 << 30, 1 << 30)  # the repeats' skips are not counted again
+        share = lambda: self._parsed(scratch, worker, num_workers, None)  # noqa: E731
+        whole = lambda: (parse_sample(raw) for raw in iter_samples(self.urls, scratch.shard_error))  # noqa: E731
+        source = share
+        while True:
+            produced = False
+            for batch in self._eval_batches(source(), scratch, gid, counter.state(gid)):
+                produced = True
+                batch.stats["padding"] = True
+                yield batch
+            if not produced:
+                if source is whole:
+                    raise DataQualityError(f"no evaluation batch could be formed from {len(self.urls)} shard(s) "
+                                           f"({self.urls[:3]}...): nothing to pad a distributed evaluation with")
+                source = whole
 
     def _resumable_batches(self, counter: SkipCounter, gid: int, worker: int, num_workers: int,
                            first: int) -> Iterator[Batch]:
@@ -209,8 +237,10 @@ class ClipDataset(IterableDataset):
             if not replay:
                 yield collate(examples, {**counter.state(gid), "evicted": evicted, "bucket": bucket.name, "step": step})
 
-    def _eval_batches(self, parsed: Iterator[ParsedSample], counter: SkipCounter, gid: int) -> Iterator[Batch]:
-        """One ordered pass at the first bucket's size, centred windows and crops, every clip regardless of aspect."""
+    def _eval_batches(self, parsed: Iterator[ParsedSample], counter: SkipCounter, gid: int,
+                      state: dict[str, Any] | None = None) -> Iterator[Batch]:
+        """One ordered pass at the first bucket's size, centred windows and crops, every clip regardless of aspect.
+        `state`: the loader-health state the batches carry (default: `counter`'s)."""
         bucket = self.schedule.buckets[0]
         examples = []
         for s in parsed:
@@ -220,10 +250,10 @@ class ClipDataset(IterableDataset):
                 counter.skip(e.reason, str(e) + f" (shard {s.url})")
                 continue
             if len(examples) == bucket.batch_size:
-                yield collate(examples, {**counter.state(gid), "bucket": bucket.name})
+                yield collate(examples, {**(state or counter.state(gid)), "bucket": bucket.name})
                 examples = []
         if examples:
-            yield collate(examples, {**counter.state(gid), "bucket": bucket.name})
+            yield collate(examples, {**(state or counter.state(gid)), "bucket": bucket.name})
 
 
 def worker_init_fn(worker_id: int) -> None:

@@ -44,13 +44,16 @@ def open_url(url: str):
         raise ImportError(f"{url}: fsspec needs the backend for '{scheme}://' ({e}); e.g. pip install s3fs for s3") from e
 
 
-def iter_samples(urls: Sequence[str], on_shard_error: Callable[[str, Exception], None]) -> Iterator[dict[str, Any]]:
+def iter_samples(urls: Sequence[str], on_shard_error: Callable[[str, Exception], None],
+                 select: Callable[[int], bool] | None = None) -> Iterator[dict[str, Any]]:
     """Raw samples (dicts of bytes with __key__ and __url__) from the shards in order.
 
     A shard that cannot be opened, is corrupt part-way or holds no samples is reported to `on_shard_error`
     and the stream goes on with the next one. Samples read completely before the fault are kept; the one being
     read when it struck is dropped, since it may lack files. An empty shard counts as a fault, so an endless
     resampled stream over empty shards ends at the caller's shard-error limit instead of spinning.
+    `select(i)`: keep only the shard's i-th samples it accepts (a rank's share); a shard of which it keeps none
+    counts as empty for this reader.
     """
     for url in urls:
         errors: list[Exception] = []
@@ -65,13 +68,15 @@ def iter_samples(urls: Sequence[str], on_shard_error: Callable[[str, Exception],
         except Exception as e:
             on_shard_error(url, e)
             continue
-        pending, count, finished = None, 0, False
+        pending, count, kept, finished = None, 0, 0, False
         try:
             files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=handler)
             for sample in wds.tariterators.group_by_keys(files, handler=handler):
                 if pending is not None:
                     yield pending
-                pending, count = sample, count + 1
+                pending, count = None, count + 1
+                if select is None or select(count - 1):
+                    pending, kept = sample, kept + 1
             finished = True
         except Exception as e:  # errors the handlers do not see (e.g. a tar header that fails to parse)
             errors.append(e)
@@ -89,6 +94,9 @@ def iter_samples(urls: Sequence[str], on_shard_error: Callable[[str, Exception],
             yield pending
         elif count == 0:
             on_shard_error(url, ValueError("shard holds no samples"))
+        elif kept == 0:
+            on_shard_error(url, ValueError(f"none of the shard's {count} samples is this reader's share (fewer "
+                                           f"samples than readers?)"))
 
 
 def split_for_worker(urls: list[str], rank: int, world_size: int, worker: int, num_workers: int) -> tuple[list[str], Callable[[int], bool]]:
@@ -102,6 +110,19 @@ def split_for_worker(urls: list[str], rank: int, world_size: int, worker: int, n
     if len(urls) >= total:
         return urls[gid::total], lambda i: True
     return urls, lambda i: i % total == gid
+
+
+def split_for_rank(urls: list[str], rank: int, world_size: int) -> tuple[list[str], Callable[[int], bool] | None]:
+    """The part of the training data one rank resamples from, disjoint from every other rank's: (its shards, the
+    `select` of `iter_samples` for the samples it keeps of each, None for all).
+
+    With at least as many shards as ranks, shards are dealt round-robin (a rank reads only its own). With fewer,
+    every rank reads every shard and keeps the samples whose index in the shard modulo the world size is its rank.
+    Either way the parts are disjoint and together complete.
+    """
+    if world_size <= 1 or len(urls) >= world_size:
+        return urls[rank::world_size], None
+    return urls, lambda i: i % world_size == rank
 
 
 def resampled_urls(urls: list[str], rng: np.random.Generator) -> Iterator[str]:

@@ -129,7 +129,7 @@ class FSDP2Strategy(ModelParallelStrategy):
                                     f"checkpoint (a save interrupted before it finished?)")
         if path.is_file():
             return self._load_full_checkpoint(path, weights_only)
-        metadata = super().load_checkpoint(path, weights_only=weights_only)
+        metadata = self._load_sharded_checkpoint(path, weights_only)
         markers = find_markers(metadata)
         if not markers:
             return metadata
@@ -149,6 +149,34 @@ class FSDP2Strategy(ModelParallelStrategy):
         load({EXTRA_KEY: targets}, checkpoint_id=path)
         return replace_markers(metadata, targets)
 
+
+    def _load_sharded_checkpoint(self, path: Path, weights_only: bool | None) -> dict[str, Any]:
+        """Model and optimiser states from the DCP folder, `meta.pt` returned. As Lightning's own loader, except
+        that entries under the module's `external_state_prefixes` (frozen parts such as stage 2's VAE, which
+        `on_save_checkpoint` leaves out because they live in their own checkpoint) keep their current values
+        instead of failing the load; any other entry the folder lacks is an error naming it."""
+        from torch.distributed.checkpoint import FileSystemReader, load
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict, set_optimizer_state_dict)
+
+        stored = set(FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+        module = self.lightning_module
+        external = tuple(getattr(module, "external_state_prefixes", ()))
+        strict = module.strict_loading
+        state = get_model_state_dict(self.model)
+        absent = [k for k in state if f"state_dict.{k}" not in stored and not k.startswith(external)]
+        if absent and strict:
+            raise KeyError(f"{path}: the checkpoint has no entry for {len(absent)} of the model's states, e.g. "
+                           f"{absent[:5]}: was it written by another model or config?")
+        load({"state_dict": {k: v for k, v in state.items() if f"state_dict.{k}" in stored}}, checkpoint_id=path)
+        self.model.load_state_dict(state, strict=strict)
+        for i, optimizer in enumerate(self.optimizers):
+            key = f"optimizer_{i}"
+            optim_state = {key: get_optimizer_state_dict(self.model, optimizer)}
+            load(optim_state, checkpoint_id=path)
+            set_optimizer_state_dict(self.model, optimizer, optim_state_dict=optim_state[key],
+                                     options=StateDictOptions(cpu_offload=True))
+        return torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
 
     def _load_full_checkpoint(self, path: Path, weights_only: bool | None) -> dict[str, Any]:
         """A single-file checkpoint (a one-device run, or save_distributed_checkpoint=False) into the sharded

@@ -19,6 +19,7 @@ import lightning as L
 import torch
 from einops import rearrange
 from lightning.pytorch.cli import OptimizerCallable
+from torchmetrics import MeanMetric
 from torch import nn
 
 from isa4d.data.batch import Batch
@@ -39,6 +40,8 @@ DIT_METRICS = ("psnr", "ssim", "fvd", "part_appearance", "pose_iou")
 
 class DiTModule(L.LightningModule):
     checkpoint_monitor = ("val/loss", "min")  # the best checkpoint (isa4d.training.checkpoint, monitor="model")
+    # frozen parts with checkpoints of their own: left out of this module's checkpoints, kept as loaded on resume
+    external_state_prefixes = ("vae.",)
 
     def __init__(
         self,
@@ -104,6 +107,7 @@ class DiTModule(L.LightningModule):
         self.sample_seed, self.val_sample_batches, self.video_log_count = sample_seed, val_sample_batches, video_log_count
         self.sample_window, self.sample_overlap, self.decode_chunk_frames = sample_window, sample_overlap, decode_chunk_frames
         self.evaluation = evaluation if evaluation is not None else VideoEvaluation(DIT_METRICS)
+        self._val_loss = MeanMetric()  # deterministic flow-matching loss, weighted by clips, gathered over ranks
         self.parallel = parallel
 
     def setup(self, stage: str) -> None:
@@ -176,10 +180,14 @@ class DiTModule(L.LightningModule):
         generator = torch.Generator(device=x0.device).manual_seed(self.sample_seed + batch_idx)
         losses = [self.objective.loss(self.network, x0, {"cond": cond}, generator=generator,
                                       t=torch.full((B,), t, device=x0.device))[0] for t in self.val_timesteps]
-        self.log(f"{stage}/loss", torch.stack(losses).mean(), sync_dist=True, batch_size=B)
+        padding = batch.stats.get("padding", False)  # run for FSDP's lockstep across ranks, counted nowhere
+        if not padding:
+            self._val_loss.update(torch.stack(losses).mean(), weight=B)
         if stage == "val" and batch_idx >= self.val_sample_batches:
             return
         video = self.decode(self.sample(cond, x0.shape, generator))  # (B, T, 3, H, W)
+        if padding:
+            return
         self.score(batch, video)
         if batch_idx == 0 and self.video_log_count > 0 and self.trainer.is_global_zero:
             self._log_samples(batch, video, points, stage)
@@ -204,7 +212,8 @@ class DiTModule(L.LightningModule):
             return self.conditioner.mesh(smpl.betas, smpl.global_orient, smpl.body_pose, smpl.transl, gender)
 
     def on_validation_epoch_end(self, stage: str = "val") -> None:
-        metrics = self.evaluation.compute()
+        metrics = {"loss": self._val_loss.compute(), **self.evaluation.compute()}  # both gathered over ranks
+        self._val_loss.reset()
         self.evaluation.reset()
         self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()})
 
@@ -260,7 +269,7 @@ class DiTModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("state_dict", {})
-        for key in [k for k in state if k.startswith("vae.")]:
+        for key in [k for k in state if k.startswith(self.external_state_prefixes)]:
             del state[key]  # frozen, stored in its own checkpoint
         checkpoint["isa4d"] = {"vae_checkpoint": self.vae_checkpoint, "vae_config": dict(self.vae.config)}
 

@@ -15,6 +15,7 @@ import lightning as L
 import torch
 from einops import rearrange
 from lightning.pytorch.cli import OptimizerCallable
+from torchmetrics import MeanMetric
 
 from isa4d.data.batch import Batch
 from isa4d.models.vae import CausalVideoVAE, latent_moments, stats_from_moments
@@ -80,6 +81,7 @@ class VAEModule(L.LightningModule):
         self.parallel = parallel
         self.automatic_optimization = False
         self._stats: list[torch.Tensor] = []
+        self._l1 = MeanMetric()  # validation L1, weighted by clips and gathered over ranks
 
     # ------------------------------------------------------------------------------------------------ losses
 
@@ -152,7 +154,9 @@ class VAEModule(L.LightningModule):
         x = rearrange(batch.video, "b t c h w -> b c t h w")
         z = self.vae.encode(x).mode()
         recon = self.vae.decode(z).clamp(-1, 1)
-        self.log(f"{stage}/l1", (recon - x).abs().mean(), sync_dist=True, batch_size=len(batch))
+        if batch.stats.get("padding"):  # run for FSDP's lockstep across ranks, counted nowhere
+            return
+        self._l1.update((recon - x).abs().mean(), weight=len(batch))
         self.evaluation.update(batch, rearrange(recon, "b c t h w -> b t c h w"))
         if batch_idx == 0 and self.video_log_count > 0 and self.trainer.is_global_zero:
             self._log_reconstructions(x[: self.video_log_count], recon[: self.video_log_count], stage)
@@ -171,17 +175,19 @@ class VAEModule(L.LightningModule):
     def on_validation_epoch_end(self, stage: str = "val") -> None:
         """The metrics of the pass (FVD as `rfvd`: of reconstructions), and the per-channel latent mean/std over it
         (summed over ranks) -> the VAE's buffers (when validating during training)."""
-        metrics = self.evaluation.compute()
+        metrics = {"l1": self._l1.compute(), **self.evaluation.compute()}  # both gathered over ranks
+        self._l1.reset()
         self.evaluation.reset()
         self.log_dict({f"{stage}/r{k}" if k.startswith("fvd") else f"{stage}/{k}": v for k, v in metrics.items()})
-        if not self._stats:
-            return
-        moments = torch.stack(self._stats).sum(0)  # (3, c)
+        moments = torch.stack(self._stats).sum(0) if self._stats else \
+            torch.zeros(3, self.vae.latent_channels, dtype=torch.float64, device=self.device)  # (sum, sq, count)
         self._stats.clear()
         if stage != "val":
             return
-        if self.trainer.world_size > 1:
+        if self.trainer.world_size > 1:  # on every rank, also one that saw no batch
             moments = self.trainer.strategy.reduce(moments, reduce_op="sum")
+        if not moments[2].all():
+            return
         mean, std = stats_from_moments(moments)
         self.vae.set_latent_stats(mean, std)
         self.log_dict({"val/latent_std_mean": std.mean().float(), "val/latent_mean_abs": mean.abs().mean().float()}, sync_dist=False)

@@ -1,0 +1,339 @@
+"""Where an ISA-DiT training step spends its time, how its cost grows with clip length, and which attention kernel
+wins for each of its attention shapes (GPU).
+
+    python bench/bench_dit_parts.py --preset base --size 256 --frames 33 --batch 2 --people 3 \
+        --parts --backends --lengths 17 33 49 81 121 --length-size 512 --length-people 1 [--profile] [--json F]
+
+--parts     forward + backward of each part of one block at the preset's shapes (bf16 autocast, fp32 weights):
+            spatial, temporal, 3D temporal, ISA, camera and reference attention, video and 3D MLPs, and the rest
+            (norms, adaLN modulation, residual gates: the whole block minus the parts); ms and share of the block.
+--backends  forward + backward of scaled_dot_product_attention alone for each attention shape of the block, per
+            kernel (flash, cuDNN, memory-efficient), so each shape can use the one that wins.
+--lengths   time per latent frame of a training step (fwd+bwd+AdamW, batch 1, full activation checkpointing per
+            block for both models so the longest clips fit) of the ISA-DiT and of a plain DiT of the same width
+            and depth with full spatio-temporal self-attention over all T·N video tokens (3-axis rotary, adaLN-zero,
+            the same MLP), at each clip length; the model FLOPs of both (torch.utils.flop_counter, meta device).
+--profile   kernel time of 3 ISA-DiT steps by kind (matmul, attention, the rest), and the top kernels.
+Medians over repeats after warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from bench_dit import conditions, network_args
+from einops import rearrange
+from torch import nn
+
+
+def timed(fn, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def fwd_bwd(module_fn, inputs: list[torch.Tensor]):
+    """A callable running module_fn(*inputs) forward and backward under bf16 autocast."""
+    def run():
+        for x in inputs:
+            x.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = module_fn(*inputs)
+        outs = out if isinstance(out, tuple) else (out,)
+        sum(o.float().sum() for o in outs if o is not None).backward()
+    return run
+
+
+# ------------------------------------------------------------------------------------------------------ parts
+
+def block_parts(a: argparse.Namespace, device: torch.device) -> dict[str, float]:
+    from isa4d.models.dit.attention import grid_positions, rope_frequencies
+    from isa4d.models.dit.blocks import BlockInputs, ISADiTBlock
+
+    cfg = network_args(a.preset)
+    D, H = cfg["hidden_size"], cfg["num_heads"]
+    B, T = a.batch, 1 + (a.frames - 1) // 4
+    gh = gw = a.size // 8 // cfg.get("patch_size", 2)
+    N, M, Dh, C = gh * gw, a.people * cfg.get("num_points", 1024), D // H, 6 * cfg.get("ispe_freqs", 8)
+    block = ISADiTBlock(D, H, cfg.get("mlp_ratio", 4.0)).to(device)
+    r = lambda *s: torch.randn(*s, device=device, requires_grad=True)  # noqa: E731
+    inputs = BlockInputs(
+        spatial_rope=rope_frequencies(grid_positions(gh, gw, device=device), (Dh // 2, Dh // 2)),
+        temporal_rope=rope_frequencies(grid_positions(T, device=device), (Dh,)),
+        z_code=torch.randn(N, C, device=device), y_code=torch.randn(B, T, M, C, device=device),
+        y_mask=torch.rand(B, T, M, device=device) > 0.1, camera=r(B, T, N, D), ref=r(B, N, D))
+    z, y, c = r(B, T, N, D), r(B, T, M, D), r(B, D)
+    zf, yf = r(B * T, N, D), r(B * T, M, D)
+    zt, yt = r(B * N, T, D), r(B * M, T, D)
+    zr = r(B, T * N, D)
+    parts = {
+        "spatial attention": fwd_bwd(lambda x: block.spatial_attn(x, inputs.spatial_rope), [zf]),
+        "temporal attention": fwd_bwd(lambda x: block.temporal_attn(x, inputs.temporal_rope), [zt]),
+        "3D temporal attention": fwd_bwd(lambda x: block.point_temporal_attn(x, inputs.temporal_rope), [yt]),
+        "ISA (both directions)": fwd_bwd(lambda u, v: block.isa(u, v, inputs.z_code,
+                                                                  rearrange(inputs.y_code, "b t m c -> (b t) m c"),
+                                                                  rearrange(inputs.y_mask, "b t m -> (b t) m")),
+                                         [zf, yf]),
+        "camera attention": fwd_bwd(lambda x, k: block.camera_attn(x, k), [zf, r(B * T, N, D)]),
+        "reference attention": fwd_bwd(lambda x, k: block.ref_attn(x, k), [zr, inputs.ref]),
+        "video MLP": fwd_bwd(block.video_mlp, [z]),
+        "3D MLP": fwd_bwd(block.point_mlp, [y]),
+    }
+    out = {name: timed(fn, a.repeats) * 1e3 for name, fn in parts.items()}
+    out["block"] = timed(fwd_bwd(lambda u, v, w: block(u, v, w, inputs), [z, y, c]), a.repeats) * 1e3
+    out["rest (norms, modulation, gates)"] = out["block"] - sum(v for k, v in out.items() if k != "block")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- backends
+
+def backend_table(a: argparse.Namespace, device: torch.device) -> list[dict]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    cfg = network_args(a.preset)
+    D, H = cfg["hidden_size"], cfg["num_heads"]
+    B, T = a.batch, 1 + (a.frames - 1) // 4
+    N = (a.size // 8 // cfg.get("patch_size", 2)) ** 2
+    M = a.people * cfg.get("num_points", 1024)
+    Dh = D // H
+    shapes = {  # name: (batch, q length, k length, masked)
+        "spatial": (B * T, N, N, False), "temporal": (B * N, T, T, False), "3D temporal": (B * M, T, T, False),
+        "ISA video<-3D (masked)": (B * T, N, M + 1, True), "ISA 3D<-video": (B * T, M, N, False),
+        "camera": (B * T, N, N, False), "reference": (B, T * N, N, False)}
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    rows = []
+    for name, (b, lq, lk, masked) in shapes.items():
+        q = torch.randn(b, H, lq, Dh, device=device, dtype=torch.bfloat16, requires_grad=True)
+        k = torch.randn(b, H, lk, Dh, device=device, dtype=torch.bfloat16, requires_grad=True)
+        v = torch.randn(b, H, lk, Dh, device=device, dtype=torch.bfloat16, requires_grad=True)
+        mask = (torch.rand(b, 1, 1, lk, device=device) > 0.1) if masked else None
+        row = {"shape": name, "dims": f"{b}x{H}x{lq}x{lk}x{Dh}"}
+        for label, backend in backends.items():
+            def run(backend=backend):
+                q.grad = k.grad = v.grad = None
+                with sdpa_kernel(backend):
+                    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+                out.sum().backward()
+            try:
+                row[label] = timed(run, a.repeats) * 1e3
+            except RuntimeError as e:  # the kernel does not take this shape or mask
+                row[label] = None
+                row[f"{label}_why"] = str(e).splitlines()[0][:80]
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- clip length
+
+class FullAttentionBlock(nn.Module):
+    """A plain DiT block: adaLN-zero, full self-attention over all of a clip's video tokens, MLP."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        from isa4d.models.dit.attention import FeedForward, SelfAttention
+
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn, self.mlp = SelfAttention(dim, num_heads), FeedForward(dim, mlp_ratio)
+        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        s1, g1, b1, s2, g2, b2 = self.adaLN(c)[:, None].chunk(6, dim=-1)
+        x = x + b1 * self.attn(self.norm1(x) * (1 + g1) + s1, rope)
+        return x + b2 * self.mlp(self.norm2(x) * (1 + g2) + s2)
+
+
+class FullAttentionDiT(nn.Module):
+    """The baseline of the length sweep: ISA-DiT's width, depth, heads and patching, full attention, no 3D tokens."""
+
+    def __init__(self, latent_channels: int, hidden_size: int, depth: int, num_heads: int, patch_size: int,
+                 mlp_ratio: float, **_):
+        super().__init__()
+        self.p, self.head_dim = patch_size, hidden_size // num_heads
+        self.embed = nn.Linear(2 * latent_channels * patch_size ** 2, hidden_size)  # latent + background
+        self.t_embed = nn.Sequential(nn.Linear(256, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+        self.blocks = nn.ModuleList([FullAttentionBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.out = nn.Linear(hidden_size, latent_channels * patch_size ** 2)
+        self.checkpoint = True  # full activation checkpointing per block (off to count model FLOPs)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        from isa4d.models.dit.attention import grid_positions, rope_frequencies
+
+        B, C, T, h, w = x.shape
+        tokens = rearrange(torch.cat([x, torch.zeros_like(x)], 1), "b c t (h p) (w q) -> b (t h w) (c p q)",
+                           p=self.p, q=self.p)
+        z = self.embed(tokens)
+        freqs = torch.exp(-torch.arange(128, device=x.device) * 9.21 / 128)
+        c = self.t_embed(torch.cat([torch.sin(t[:, None] * 1000 * freqs), torch.cos(t[:, None] * 1000 * freqs)], 1))
+        d = self.head_dim
+        rope = rope_frequencies(grid_positions(T, h // self.p, w // self.p, device=x.device), (d // 4, 3 * d // 8,
+                                                                                               3 * d // 8))
+        for block in self.blocks:
+            z = checkpoint(block, z, c, rope, use_reentrant=False) if self.checkpoint else block(z, c, rope)
+        return rearrange(self.out(z), "b (t h w) (c p q) -> b c t (h p) (w q)", t=T, h=h // self.p, p=self.p,
+                         q=self.p)
+
+
+def length_sweep(a: argparse.Namespace, device: torch.device) -> list[dict]:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from isa4d.diffusion.flow import FlowMatching
+    from isa4d.models.dit import ISADiT
+    from isa4d.parallel.fsdp import checkpoint_and_compile
+
+    cfg = network_args(a.preset)
+    rows = []
+    for frames in a.lengths:
+        T, h = 1 + (frames - 1) // 4, a.length_size // 8
+        row = {"frames": frames, "latent_frames": T}
+        for kind in ("isa", "full"):
+            for where in ("meta", "cuda"):
+                dev = torch.device("meta") if where == "meta" else device
+                with dev:
+                    net = ISADiT(**cfg) if kind == "isa" else FullAttentionDiT(**cfg)
+                if where == "meta":  # model FLOPs: without the recomputation
+                    net.checkpoint = False
+                elif kind == "isa":
+                    checkpoint_and_compile(list(net.blocks), "full", False)
+                x0 = torch.randn(1, cfg["latent_channels"], T, h, h, device=dev)
+                cond = {"cond": conditions(1, a.length_people, T, net.num_points, h, h, cfg["latent_channels"],
+                                           net.frames_per_latent, dev)} if kind == "isa" else {}
+                flow = FlowMatching()
+                if where == "meta":
+                    counter = FlopCounterMode(display=False)
+                    with counter:
+                        flow.loss(net, x0, cond)[0].backward()
+                    row[f"{kind}_tflop"] = counter.get_total_flops() / 1e12
+                    continue
+                opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=True)
+
+                def step():
+                    with torch.autocast("cuda", dtype=torch.bfloat16):
+                        loss = flow.loss(net, x0, cond)[0]
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                try:
+                    t = timed(step, a.repeats)
+                    row[f"{kind}_ms"], row[f"{kind}_ms_per_latent_frame"] = t * 1e3, t * 1e3 / T
+                    row[f"{kind}_tflops"] = row[f"{kind}_tflop"] / t
+                except torch.OutOfMemoryError:
+                    row[f"{kind}_ms"] = None
+                del net, opt
+                torch.cuda.empty_cache()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------- profile
+
+def kernel_profile(a: argparse.Namespace, device: torch.device) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    from isa4d.diffusion.flow import FlowMatching
+    from isa4d.models.dit import ISADiT
+
+    cfg = network_args(a.preset)
+    net = ISADiT(**cfg).to(device)
+    T, h = 1 + (a.frames - 1) // 4, a.size // 8
+    x0 = torch.randn(a.batch, cfg["latent_channels"], T, h, h, device=device)
+    cond = {"cond": conditions(a.batch, a.people, T, net.num_points, h, h, cfg["latent_channels"],
+                               net.frames_per_latent, device)}
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=True)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = FlowMatching().loss(net, x0, cond)[0]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    kinds = {"matmul": ("gemm", "nvjet", "xmma", "cutlass", "sm90"), "attention": ("flash", "fmha", "attention",
+                                                                                  "cudnn")}
+    totals, kernels = {"matmul": 0.0, "attention": 0.0, "other": 0.0}, []
+    for ev in prof.key_averages():
+        us = ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+        if us <= 0 or ev.key.startswith("ProfilerStep"):
+            continue
+        name = ev.key.lower()
+        kind = next((k for k, keys in kinds.items() if any(s in name for s in keys)), "other")
+        totals[kind] += us / 3e3  # ms per step
+        kernels.append((us / 3e3, ev.count // 3, ev.key[:90]))
+    kernels.sort(reverse=True)
+    return {"ms_per_step_by_kind": totals, "top": kernels[:25]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="base")
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--frames", type=int, default=33)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--people", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--parts", action="store_true")
+    ap.add_argument("--backends", action="store_true")
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--lengths", type=int, nargs="*", default=[])
+    ap.add_argument("--length-size", type=int, default=512)
+    ap.add_argument("--length-people", type=int, default=1)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_dit_parts.py times GPU kernels: no CUDA device here")
+    device = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "args": vars(a)}
+    if a.parts:
+        result["parts_ms"] = block_parts(a, device)
+        block = result["parts_ms"]["block"]
+        print("| part | fwd+bwd (ms) | share of block |\n|---|---|---|")
+        for k, v in result["parts_ms"].items():
+            print(f"| {k} | {v:.2f} | {100 * v / block:.1f}% |")
+    if a.backends:
+        result["backends"] = backend_table(a, device)
+        print("| attention | B x H x Lq x Lk x Dh | flash | cuDNN | mem-efficient (ms, fwd+bwd) |\n|---|---|---|---|---|")
+        for r in result["backends"]:
+            cell = lambda k: "n/a" if r.get(k) is None else f"{r[k]:.3f}"  # noqa: E731
+            print(f"| {r['shape']} | {r['dims']} | {cell('flash')} | {cell('cudnn')} | {cell('efficient')} |")
+    if a.profile:
+        result["profile"] = kernel_profile(a, device)
+        print(json.dumps(result["profile"]["ms_per_step_by_kind"]))
+        for ms, n, name in result["profile"]["top"]:
+            print(f"{ms:8.2f} ms {n:6d}x {name}")
+    if a.lengths:
+        result["lengths"] = length_sweep(a, device)
+        print("| frames | latent frames | ISA-DiT ms | per latent frame | TFLOP | full-attention DiT ms | per latent "
+              "frame | TFLOP |\n|---|---|---|---|---|---|---|---|")
+        for r in result["lengths"]:
+            f = lambda k: "OOM" if r.get(k) is None else f"{r[k]:.1f}"  # noqa: E731
+            print(f"| {r['frames']} | {r['latent_frames']} | {f('isa_ms')} | {f('isa_ms_per_latent_frame')} | "
+                  f"{r['isa_tflop']:.1f} | {f('full_ms')} | {f('full_ms_per_latent_frame')} | {r['full_tflop']:.1f} |")
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
