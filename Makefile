@@ -21,7 +21,7 @@ DIT_RUN_DIR ?= runs/dit_$(DIT)
 # the stage-1 checkpoint the DiT preset names (configs/dit/*.yaml: vae_checkpoint); override with VAE_CKPT=...
 VAE_CKPT ?= $(shell sed -n 's/^ *vae_checkpoint: *//p' configs/dit/$(DIT).yaml)
 
-.PHONY: help setup test test-all demo data toy-body inspect train-vae train-dit eval sample bench bench-data bench-vae bench-dit clean
+.PHONY: help setup test test-all demo data toy-body inspect train-vae train-dit eval sample bench bench-data bench-vae bench-dit bench-dit-parts clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -116,6 +116,11 @@ bench-vae: setup ## VAE step and coding throughput (GPU; BENCH_VAE=base), vs dif
 
 bench-dit: setup ## ISA-DiT training step by variant (eager, FSDP2, compile, checkpointing) on one GPU; appends to docs/benchmarks.md
 	$(PY) bench/bench_dit.py --preset base --size 256 --frames 33 --batch 2 --people 3 --warmup 3 --repeats 6 --record
+
+bench-dit-parts: setup ## ISA-DiT time by block part, attention kernel per shape, cost vs clip length against full attention, sampling frames/s (GPU)
+	$(PY) bench/bench_dit_parts.py --preset base --size 256 --frames 33 --batch 2 --people 3 --parts --backends --profile
+	$(PY) bench/bench_dit_parts.py --preset base --lengths 17 33 49 81 121 --length-size 512 --length-people 1 --repeats 3
+	$(PY) bench/bench_dit_parts.py --preset base --sample --sample-size 512 --sample-frames 33 --sample-steps 25 --length-people 1 --repeats 3
 
 bench-data: setup ## loader clips/s per worker for 256x256x33 h264 clips; appends to docs/benchmarks.md
 	$(PY) bench/bench_data.py

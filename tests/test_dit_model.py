@@ -88,6 +88,21 @@ def test_rope_scores_depend_only_on_relative_position():
     assert torch.allclose(rq.norm(dim=-1), q.norm().expand(35), atol=1e-5)  # a rotation
 
 
+def test_rope_traced_for_compile_equals_eager():
+    """`apply_rope` has two forms, a complex multiply in eager mode and real products where torch.compile traces
+    it (Inductor lowers no complex tensors): both equal a rotation written out by hand."""
+    torch.manual_seed(0)
+    angles = rope_frequencies(grid_positions(4, 6), (8, 8))  # (24, 8): rotates 16 of 20 channels
+    x = torch.randn(2, 3, 24, 20)
+    c, s = angles.cos(), angles.sin()
+    manual = x.clone()
+    manual[..., 0:16:2] = x[..., 0:16:2] * c - x[..., 1:16:2] * s
+    manual[..., 1:16:2] = x[..., 0:16:2] * s + x[..., 1:16:2] * c
+    torch.testing.assert_close(apply_rope(x, angles), manual, rtol=0, atol=1e-6)
+    traced = torch.compile(apply_rope, backend="eager", fullgraph=True)
+    torch.testing.assert_close(traced(x, angles), manual, rtol=0, atol=1e-6)
+
+
 def test_ispe_codes_tokens_and_points_in_one_space():
     """A 3D point at a token's NDC (depth 0) gets exactly that token's code; the code is the sinusoid of the
     coordinates (a reference computed by hand) through the shared linear map."""

@@ -166,6 +166,21 @@ def test_strategy_names_missing_and_incomplete_checkpoints(tmp_path):
         strategy.load_checkpoint(partial)
 
 
+def test_isa_dit_keeps_its_geometry_fp32_under_bf16_fsdp(mesh):
+    """FSDP's mixed precision would cast every floating input of every unit to bf16, rotary angles and ISPE's NDC
+    codes included; ISA-DiT opts out (fsdp_cast_inputs) and casts its tokens itself."""
+    from test_dit_model import random_conditions, tiny_net
+
+    sharded = parallelize(tiny_net(), device_mesh=mesh, mixed_precision="bf16")
+    seen = {}
+    sharded.blocks[0].register_forward_pre_hook(
+        lambda m, args: seen.update(z=args[0].dtype, rope=args[3].temporal_rope.dtype, code=args[3].y_code.dtype))
+    cond = random_conditions()
+    out = sharded(torch.randn(2, 8, 2, 4, 4), torch.rand(2), cond)
+    assert cond.points_ndc.dtype == torch.float32 and out.dtype == torch.float32
+    assert seen == {"z": torch.bfloat16, "rope": torch.float32, "code": torch.float32}
+
+
 @pytest.mark.parametrize("ac", ["none", "full"])
 def test_isa_dit_sharded_matches_the_plain_one(mesh, ac):
     """ISA-DiT under FSDP2 (its blocks are the units): same velocity and gradients as the plain network."""

@@ -150,13 +150,16 @@ def parallelize(module: nn.Module, *, device_mesh: DeviceMesh,
 
     checkpoint_and_compile(units, activation_checkpointing, compile, compile_options)
     bf16 = resolve_precision(mixed_precision, mesh) == "bf16"
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
-        else MixedPrecisionPolicy()
+    # FSDP casts every floating tensor a unit receives (dataclass fields too) to bf16 unless the model says it
+    # manages its input dtypes itself (`fsdp_cast_inputs = False`): ISA-DiT keeps rotary angles and NDC codes fp32
+    cast = getattr(module, "fsdp_cast_inputs", True)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                  cast_forward_inputs=cast) if bf16 else MixedPrecisionPolicy()
     for unit in units:  # 3.
         fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward,
                     ignored_params=ignored & set(unit.parameters()) or None)
     root_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
-                                       output_dtype=torch.float32) if bf16 else policy
+                                       output_dtype=torch.float32, cast_forward_inputs=cast) if bf16 else policy
     # The root keeps its parameters gathered from forward to backward (FSDP's default for a root, which only
     # applies when reshard_after_forward is left unset).
     fully_shard(module, mesh=mesh, mp_policy=root_policy, ignored_params=ignored or None)

@@ -31,13 +31,20 @@ def rope_frequencies(positions: torch.Tensor, axes_dims: tuple[int, ...], theta:
 
 
 def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (2i, 2i+1) of x (..., L, Dh) by angles (L, Dr/2); channels past Dr are left as is."""
+    """Rotate channel pairs (2i, 2i+1) of x (..., L, Dh) by angles (L, Dr/2); channels past Dr are left as is.
+
+    Eager: one complex multiply in fp32 (x as Dr/2 complex numbers times e^{i·angle}), three passes over x (to
+    fp32, multiply, back) rather than the ten of a stack of real products. Compiled: the real products, which
+    Inductor fuses into one kernel (it does not lower complex tensors)."""
     rot = 2 * angles.shape[-1]
-    xr, xp = x[..., :rot].float(), x[..., rot:]
-    xr = rearrange(xr, "... (d two) -> ... d two", two=2)
-    cos, sin = angles.cos(), angles.sin()  # (L, Dr/2)
-    out = torch.stack([xr[..., 0] * cos - xr[..., 1] * sin, xr[..., 0] * sin + xr[..., 1] * cos], dim=-1)
-    return torch.cat([rearrange(out, "... d two -> ... (d two)").to(x.dtype), xp], dim=-1)
+    if torch.compiler.is_compiling():
+        x0, x1 = x[..., :rot].float().unflatten(-1, (-1, 2)).unbind(-1)
+        cos, sin = angles.cos(), angles.sin()
+        out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).to(x.dtype)
+    else:
+        xr = torch.view_as_complex(x[..., :rot].float().unflatten(-1, (-1, 2)).contiguous())  # (..., L, Dr/2)
+        out = torch.view_as_real(xr * torch.polar(torch.ones_like(angles), angles)).flatten(-2).to(x.dtype)
+    return out if rot == x.shape[-1] else torch.cat([out, x[..., rot:]], dim=-1)
 
 
 def grid_positions(*sizes: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -46,9 +53,35 @@ def grid_positions(*sizes: int, device: torch.device | str | None = None) -> tor
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(sizes))
 
 
+SHORT_SEQUENCE = 16  # keys up to this many: the memory-efficient kernel wins (temporal attention over latent frames)
+
+
+def _kernel_preference(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> list | None:
+    """The SDPA kernels to try first for this shape on a GPU, from `bench/bench_dit_parts.py --backends` on an H100
+    (docs/benchmarks.md): with a mask cuDNN (4x the memory-efficient kernel; flash takes no mask); for short
+    sequences the memory-efficient kernel (flash is 3x slower there); otherwise PyTorch's own order."""
+    if q.device.type != "cuda" or torch.compiler.is_compiling():
+        return None
+    from torch.nn.attention import SDPBackend
+
+    if mask is not None:
+        return [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    if k.shape[-2] <= SHORT_SEQUENCE:
+        return [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                SDPBackend.MATH]
+    return None
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """SDPA over (B, H, L, Dh) heads -> (B, L, H·Dh); `mask` (B, 1 or H, Lq, Lk) bool, True = attend."""
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, Lq, Dh)
+    preference = _kernel_preference(q, k, mask)
+    if preference is None:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, Lq, Dh)
+    else:
+        from torch.nn.attention import sdpa_kernel
+
+        with sdpa_kernel(preference, set_priority=True):
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return rearrange(out, "b h l d -> b l (h d)")
 
 
@@ -77,11 +110,13 @@ class SelfAttention(_Heads):
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
-        q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.num_heads)
+        # norm and rotate in the projection's own (B, L, H, Dh) layout, then hand SDPA (B, H, L, Dh) views
+        q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b l h d", three=3, h=self.num_heads)
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
-        return self.proj(attention(q, k, v, mask))  # (B, L, D)
+            angles = rope[:, None]  # (L, 1, Dr/2): broadcast over heads
+            q, k = apply_rope(q, angles), apply_rope(k, angles)
+        return self.proj(attention(*(t.transpose(1, 2) for t in (q, k, v)), mask))  # (B, L, D)
 
 
 class CrossAttention(_Heads):

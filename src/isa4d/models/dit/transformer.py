@@ -28,6 +28,11 @@ from isa4d.models.dit.isa import ispe_code
 
 
 class ISADiT(nn.Module):
+    # Under FSDP mixed precision the model casts its own inputs (tokens to the parameters' dtype); geometry (rotary
+    # angles, ISPE's NDC and its sinusoids, world points before their code) must stay fp32: positions of 30 latent
+    # frames or NDC at 2^7·π rad lose their phase in bf16.
+    fsdp_cast_inputs = False
+
     def __init__(
         self,
         latent_channels: int = 16,
