@@ -121,5 +121,11 @@ def meta(checkpoint: Path) -> dict:
     return torch.load(checkpoint / "meta.pt", map_location="cpu", weights_only=True)
 
 
+def shard_writers(checkpoint: Path) -> list[int]:
+    """The ranks that wrote shard files into a DCP checkpoint folder (`__<rank>_<file>.distcp`; several files per
+    rank when it writes with several threads)."""
+    return sorted({int(p.name.split("_")[2]) for p in checkpoint.glob("*.distcp")})
+
+
 def dumps(obj) -> str:
     return json.dumps(obj, default=str)

@@ -17,6 +17,7 @@ relative keys (e.g. `${..data.init_args.buckets}`).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -83,7 +84,18 @@ def run_cli(args: list[str] | None = None, run: bool = True, save_config: bool =
     )
 
 
+def _log_to_stderr() -> None:
+    """isa4d's own INFO lines (checkpoint save times, resumed data positions) on stderr, once."""
+    logger = logging.getLogger("isa4d")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _log_to_stderr()
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["data"]:
         return _data(args[1:])
