@@ -119,14 +119,18 @@ def test_tiny_dit_config_fits_samples_and_resumes_through_the_cli(tiny_vae_check
         "--trainer.callbacks+=isa4d.training.checkpoint.AtomicCheckpoint",
         f"--trainer.callbacks.dirpath={tmp_path}/ckpt", "--trainer.callbacks.save_last=true",
     ]
-    cli = run_cli(["fit", *args, "--trainer.max_steps=3"])
+    cli = run_cli(["fit", *args, "--trainer.max_steps=3", "--trainer.log_every_n_steps=2"])
     metrics = cli.trainer.logged_metrics
     assert cli.trainer.global_step == 3
     assert {"train/loss", "val/loss", "val/psnr", "val/part_appearance", "val/pose_iou"} <= set(metrics)
+    # throughput of every training run (isa4d.training.throughput): the FLOPs the meta-device count gives
+    assert {"perf/steps_per_s", "perf/tokens_per_s", "perf/tflops", "perf/data_wait_fraction"} <= set(metrics)
+    assert "perf/mfu" not in metrics  # no known peak on a CPU
     last = tmp_path / "ckpt/last.ckpt"
     state = torch.load(last, map_location="cpu", weights_only=False)
     assert not any(k.startswith("vae.") for k in state["state_dict"])  # the frozen VAE has its own file
     assert state["isa4d"]["vae_config"]["latent_channels"] == 16
+    assert ISADiT(**state["isa4d"]["network_config"]).num_parameters == cli.model.network.num_parameters
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(next(Path(tmp_path).rglob("events.out.tfevents*")).parent), size_guidance={"images": 0})

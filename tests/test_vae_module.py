@@ -74,11 +74,12 @@ def test_tiny_vae_config_fits_through_the_cli(tmp_path):
         '--data.init_args.buckets=[{"height": 32, "width": 32, "num_frames": 5, "batch_size": 2}]',
         "--model.init_args.loss.gan_start_step=2", "--trainer.max_steps=4", "--trainer.val_check_interval=4",
         "--trainer.limit_val_batches=2", f"--trainer.default_root_dir={tmp_path}",
-        f"--trainer.logger.init_args.save_dir={tmp_path}/runs",
+        f"--trainer.logger.init_args.save_dir={tmp_path}/runs", "--trainer.log_every_n_steps=2",
     ])
     assert cli.trainer.global_step == 4
     metrics = cli.trainer.logged_metrics
     assert "train/gan_d" in metrics and "val/psnr" in metrics
+    assert metrics["perf/tokens_per_s"] == pytest.approx(5 * metrics["perf/samples_per_s"])  # 5 frames a clip
     ckpt = next(Path(tmp_path).rglob("*.ckpt"))
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
     assert not torch.allclose(state["vae.latent_std"], torch.ones(16))  # estimated from data, not the default

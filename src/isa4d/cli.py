@@ -27,6 +27,7 @@ import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
 from isa4d.training.callbacks import LoaderHealthLogger
+from isa4d.training.throughput import Throughput
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -76,7 +77,7 @@ def run_cli(args: list[str] | None = None, run: bool = True, save_config: bool =
         subclass_mode_model=True,
         subclass_mode_data=True,
         parser_kwargs={**mode, **{c: dict(mode) for c in SUBCOMMANDS}},
-        trainer_defaults={"callbacks": [LoaderHealthLogger()]},
+        trainer_defaults={"callbacks": [LoaderHealthLogger(), Throughput()]},
         save_config_kwargs={"overwrite": True},
         **({} if save_config else {"save_config_callback": None}),
         args=args,

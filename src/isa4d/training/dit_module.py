@@ -169,9 +169,35 @@ class DiTModule(L.LightningModule):
         x0, cond, _ = self.encode(batch)
         shift = self.shift_for(x0.shape)
         loss, logs = self.objective.loss(self.network, x0, {"cond": cond}, shift=shift)
+        p = self.network.patch_size
+        self.step_counts = {"samples": len(batch), "tokens": x0.shape[0] * x0.shape[2] * (x0.shape[3] // p) *
+                            (x0.shape[4] // p), "flops": self.step_flops(x0, cond)}  # isa4d.training.throughput
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
         self.log_dict({"train/t_mean": logs["t"].mean(), "train/shift": float(shift)}, batch_size=len(batch))
         return loss
+
+    def step_flops(self, x0: torch.Tensor, cond: DiTConditions) -> float:
+        """FLOPs of one forward + backward of the network at these shapes (every matmul and attention, counted by
+        torch.utils.flop_counter on a meta-device copy, so no memory or time on the device), cached per shape."""
+        key = (tuple(x0.shape), *(None if v is None else tuple(v.shape) for v in vars(cond).values()))
+        cache = self.__dict__.setdefault("_flops_cache", {})
+        if key not in cache:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            from torch.distributed.fsdp import FSDPModule
+
+            if not hasattr(self.network, "config"):
+                return float("nan")
+            cls = next(c for c in type(self.network).__mro__ if not issubclass(c, FSDPModule))  # FSDP's subclass
+            meta = torch.device("meta")
+            with meta:
+                net = cls(**self.network.config)
+            counter = FlopCounterMode(display=False)
+            with counter:
+                self.objective.loss(net, torch.empty_like(x0, device=meta),
+                                    {"cond": cond.apply(lambda t: torch.empty_like(t, device=meta))})[0].backward()
+            cache[key] = float(counter.get_total_flops())
+        return cache[key]
 
     @torch.no_grad()
     def validation_step(self, batch: Batch, batch_idx: int, stage: str = "val") -> None:
@@ -271,7 +297,8 @@ class DiTModule(L.LightningModule):
         state = checkpoint.get("state_dict", {})
         for key in [k for k in state if k.startswith(self.external_state_prefixes)]:
             del state[key]  # frozen, stored in its own checkpoint
-        checkpoint["isa4d"] = {"vae_checkpoint": self.vae_checkpoint, "vae_config": dict(self.vae.config)}
+        checkpoint["isa4d"] = {"vae_checkpoint": self.vae_checkpoint, "vae_config": dict(self.vae.config),
+                               "network_config": dict(getattr(self.network, "config", {}))}  # rebuilds the network
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.loaded_step = checkpoint.get("global_step")  # reported by `isa4d validate/test`

@@ -129,6 +129,7 @@ class VAEModule(L.LightningModule):
         opt_g, opt_d = opts if isinstance(opts, (list, tuple)) else (opts, None)
         x = rearrange(batch.video, "b t c h w -> b c t h w")
         x = structured_motion(x, self.motion_shift, self.motion_prob)
+        self.step_counts = {"samples": x.shape[0], "tokens": x.shape[0] * x.shape[2]}  # frames; throughput.py
         total, logs, recon = self._reconstruction_losses(x)
         if not finite_or_skip(self, total):
             return

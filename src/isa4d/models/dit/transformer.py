@@ -58,7 +58,9 @@ class ISADiT(nn.Module):
         condition_dropout: dict[str, float] | None = None,
         rope_theta: float = 10_000.0,
     ):
+        config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}  # the constructor's arguments
         super().__init__()
+        self.config = config  # rebuilds the same network (e.g. on the meta device to count its FLOPs)
         head_dim = hidden_size // num_heads if hidden_size % num_heads == 0 else 0
         if head_dim == 0 or head_dim % 4:
             raise ValueError(f"hidden_size ({hidden_size}) / num_heads ({num_heads}) must be an integer head size "
