@@ -88,6 +88,17 @@ def test_rope_scores_depend_only_on_relative_position():
     assert torch.allclose(rq.norm(dim=-1), q.norm().expand(35), atol=1e-5)  # a rotation
 
 
+def test_padding_people_changes_no_output():
+    """Absent people padded onto the batch (one shape for torch.compile) leave the velocity unchanged."""
+    net = randomize_gates(tiny_net()).eval()
+    cond, x, t = random_conditions(P=2), torch.randn(2, C, 2, 4, 4), torch.rand(2)
+    padded = cond.pad_people(3)
+    assert padded.person_mask.shape == (2, 3) and not padded.points_valid[:, 2:].any()
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, t, padded), net(x, t, cond), rtol=0, atol=1e-5)
+    assert cond.pad_people(2) is cond
+
+
 def test_rope_traced_for_compile_equals_eager():
     """`apply_rope` has two forms, a complex multiply in eager mode and real products where torch.compile traces
     it (Inductor lowers no complex tensors): both equal a rotation written out by hand."""

@@ -52,6 +52,18 @@ def test_load_vae_from_a_checkpoint_an_export_and_with_clear_errors(tiny_vae_che
         load_vae(tiny_vae_checkpoint, ema=True)
 
 
+def test_compiling_modules_pad_people_to_one_shape(tiny_vae_checkpoint, toy_body_dir, toy_batch):
+    from isa4d.parallel import ParallelConfig
+
+    batch = toy_batch
+    plain = tiny_module(tiny_vae_checkpoint, toy_body_dir)
+    compiled = tiny_module(tiny_vae_checkpoint, toy_body_dir, parallel=ParallelConfig(compile=True))
+    P = batch.person_mask.shape[1]
+    assert not plain.pad_people and compiled.pad_people
+    assert plain.encode(batch)[1].person_mask.shape[1] == P < 4
+    assert compiled.encode(batch)[1].person_mask.shape[1] == compiled.network.point_embedder.max_people == 4
+
+
 def test_module_checks_the_vae_matches_the_network(tiny_vae_checkpoint, toy_body_dir):
     net = ISADiT(latent_channels=8, hidden_size=32, depth=1, num_heads=2, num_points=16)
     with pytest.raises(ValueError, match="latent channels"):

@@ -74,12 +74,15 @@ class DiTModule(L.LightningModule):
         image_encoder: nn.Module | None = None,
         evaluation: VideoEvaluation | None = None,
         parallel: ParallelConfig = ParallelConfig(),
+        pad_people: bool | None = None,
     ):
         """`time_shift` None: SD3's resolution-dependent shift, sqrt(tokens / shift_base_tokens) capped at
         `max_shift`, for training and sampling alike. `vae_checkpoint`: a stage-1 `.ckpt`, sharded folder or exported `.safetensors`
         (`vae_ema`: its EMA weights). `vae` (a built model) replaces `vae_checkpoint` in tests. `evaluation`: the
         metrics of sampled batches, by default `DIT_METRICS`. `sample_window` / `sample_overlap` (latent frames) and
-        `decode_chunk_frames` (video frames) bound the memory of `predict` (`isa4d sample`) on long videos."""
+        `decode_chunk_frames` (video frames) bound the memory of `predict` (`isa4d sample`) on long videos.
+        `pad_people`: pad every batch's people to the network's `max_people` (one shape for any people count, at the
+        cost of masked tokens); None: when `parallel.compile` is on, so blocks compile once per bucket."""
         super().__init__()
         if (vae is None) == (vae_checkpoint is None):
             raise ValueError("give exactly one of vae_checkpoint (a stage-1 checkpoint path) and vae (a model)")
@@ -109,6 +112,7 @@ class DiTModule(L.LightningModule):
         self.evaluation = evaluation if evaluation is not None else VideoEvaluation(DIT_METRICS)
         self._val_loss = MeanMetric()  # deterministic flow-matching loss, weighted by clips, gathered over ranks
         self.parallel = parallel
+        self.pad_people = parallel.compile if pad_people is None else pad_people
 
     def setup(self, stage: str) -> None:
         if stage in ("fit", "validate", "test"):  # not for predict: sampling needs no metric networks
@@ -137,7 +141,10 @@ class DiTModule(L.LightningModule):
     def encode(self, batch: Batch) -> tuple[torch.Tensor, DiTConditions, torch.Tensor]:
         """(x0 (B, C, T, h, w), conditions, posed points of every video frame (B, P, T_video, V, 3))."""
         x0 = self._latent(rearrange(batch.video, "b t c h w -> b c t h w"))
-        return (x0, *self.conditions(batch))
+        cond, points = self.conditions(batch)
+        if self.pad_people:
+            cond = cond.pad_people(self.network.point_embedder.max_people)
+        return x0, cond, points
 
     @torch.no_grad()
     def conditions(self, batch: Batch) -> tuple[DiTConditions, torch.Tensor]:

@@ -51,6 +51,20 @@ class DiTConditions:
     def to(self, device: torch.device | str) -> "DiTConditions":
         return self.apply(lambda t: t.to(device))
 
+    def pad_people(self, people: int) -> "DiTConditions":
+        """The same conditions with the people axis padded to `people` by absent people (all their points and
+        reference projections invalid), so batches of any people count have one shape (for torch.compile). The
+        network's output does not change: absent people's tokens are masked out of everything the video reads."""
+        P = self.person_mask.shape[1]
+        if P >= people:
+            return self
+
+        def pad(t: torch.Tensor) -> torch.Tensor:
+            return torch.cat([t, t.new_zeros(t.shape[0], people - P, *t.shape[2:])], dim=1)
+
+        names = ("points_world", "points_ndc", "points_valid", "person_mask", "ref_points_ndc", "ref_points_valid")
+        return DiTConditions(**{**vars(self), **{n: pad(getattr(self, n)) for n in names}})
+
     def repeat(self, n: int) -> "DiTConditions":
         """Each tensor stacked n times along the batch (for batched guidance)."""
         return self.apply(lambda t: torch.cat([t] * n, dim=0))
