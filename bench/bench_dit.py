@@ -120,13 +120,19 @@ def run_variant(variant: str, a: argparse.Namespace, mesh, device: torch.device)
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def shape_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments every DiT bench shares: preset and the clip shape per GPU."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--preset", default="base")
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--frames", type=int, default=33)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--people", type=int, default=3)
+    return ap
+
+
+def main() -> None:
+    ap = shape_parser(__doc__.splitlines()[0])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=10)

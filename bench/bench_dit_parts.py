@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_dit import conditions, network_args
+from bench_dit import conditions, network_args, shape_parser
 from einops import rearrange
 from torch import nn
 
@@ -322,12 +322,7 @@ def sampling(a: argparse.Namespace, device: torch.device) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="base")
-    ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--frames", type=int, default=33)
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--people", type=int, default=3)
+    ap = shape_parser(__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--parts", action="store_true")
     ap.add_argument("--backends", action="store_true")
