@@ -58,10 +58,9 @@ def conditions(B: int, P: int, T: int, V: int, h: int, w: int, C: int, F: int, d
 
 def step_flops(a: argparse.Namespace) -> float:
     """FLOPs of one forward + backward of the flow-matching loss at the bench's shapes (one GPU's batch)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     from isa4d.diffusion.flow import FlowMatching
     from isa4d.models.dit import ISADiT
+    from isa4d.training.throughput import loss_flops
 
     meta = torch.device("meta")
     with meta:
@@ -69,11 +68,7 @@ def step_flops(a: argparse.Namespace) -> float:
     T, h, w = 1 + (a.frames - 1) // 4, a.size // 8, a.size // 8
     x0 = torch.randn(a.batch, net.latent_channels, T, h, w, device=meta)
     cond = conditions(a.batch, a.people, T, net.num_points, h, w, net.latent_channels, net.frames_per_latent, meta)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        loss, _ = FlowMatching().loss(net, x0, {"cond": cond})
-        loss.backward()
-    return float(counter.get_total_flops())
+    return loss_flops(lambda: FlowMatching().loss(net, x0, {"cond": cond})[0])
 
 
 def run_variant(variant: str, a: argparse.Namespace, mesh, device: torch.device) -> dict:

@@ -193,11 +193,10 @@ class FullAttentionDiT(nn.Module):
 
 
 def length_sweep(a: argparse.Namespace, device: torch.device) -> list[dict]:
-    from torch.utils.flop_counter import FlopCounterMode
-
     from isa4d.diffusion.flow import FlowMatching
     from isa4d.models.dit import ISADiT
     from isa4d.parallel.fsdp import checkpoint_and_compile
+    from isa4d.training.throughput import loss_flops
 
     cfg = network_args(a.preset)
     rows = []
@@ -218,10 +217,7 @@ def length_sweep(a: argparse.Namespace, device: torch.device) -> list[dict]:
                                            net.frames_per_latent, dev)} if kind == "isa" else {}
                 flow = FlowMatching()
                 if where == "meta":
-                    counter = FlopCounterMode(display=False)
-                    with counter:
-                        flow.loss(net, x0, cond)[0].backward()
-                    row[f"{kind}_tflop"] = counter.get_total_flops() / 1e12
+                    row[f"{kind}_tflop"] = loss_flops(lambda: flow.loss(net, x0, cond)[0]) / 1e12
                     continue
                 opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=True)
 

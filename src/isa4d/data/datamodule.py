@@ -117,13 +117,13 @@ class ShardDataModule(L.LightningDataModule):
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
-    def _dataset(self, urls: Any, buckets: Sequence[Bucket], train: bool) -> ClipDataset:
+    def _dataset(self, urls: Any, buckets: Sequence[Bucket], train: bool, pad_eval: bool = False) -> ClipDataset:
         rank, world = self._distributed()
         return ClipDataset(
             urls, buckets, train=train, options=self.options, seed=self.seed, resampled=self.resampled,
             shuffle_buffer=self.shuffle_buffer, pool_size=self.pool_size, max_skip_fraction=self.max_skip_fraction,
             min_samples_for_skip_check=self.min_samples, rank=rank, world_size=world, start_step=self.start_step,
-            segment_steps=self.segment_steps,
+            segment_steps=self.segment_steps, pad_eval=pad_eval,
         )
 
     def _loader(self, ds: ClipDataset) -> DataLoader:
@@ -162,9 +162,8 @@ class ShardDataModule(L.LightningDataModule):
             raise ValueError(f"trainer.{limit_key}: a whole-set evaluation ({limit!r}) cannot run on {world} FSDP "
                              f"processes, whose shares of the clips differ in length; give a number of batches "
                              f"per process (an integer, e.g. --trainer.{limit_key}=50)")
-        ds = self._dataset(self.val_urls, [self.val_bucket or self.buckets[0]], train=False)
-        ds.pad_eval = world > 1 and not whole
-        return self._loader(ds)
+        return self._loader(self._dataset(self.val_urls, [self.val_bucket or self.buckets[0]], train=False,
+                                          pad_eval=world > 1 and not whole))
 
     def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         self.health.update(batch.stats)

@@ -189,9 +189,9 @@ class DiTModule(L.LightningModule):
         key = (tuple(x0.shape), *(None if v is None else tuple(v.shape) for v in vars(cond).values()))
         cache = self.__dict__.setdefault("_flops_cache", {})
         if key not in cache:
-            from torch.utils.flop_counter import FlopCounterMode
-
             from torch.distributed.fsdp import FSDPModule
+
+            from isa4d.training.throughput import loss_flops
 
             if not hasattr(self.network, "config"):
                 return float("nan")
@@ -199,11 +199,9 @@ class DiTModule(L.LightningModule):
             meta = torch.device("meta")
             with meta:
                 net = cls(**self.network.config)
-            counter = FlopCounterMode(display=False)
-            with counter:
-                self.objective.loss(net, torch.empty_like(x0, device=meta),
-                                    {"cond": cond.apply(lambda t: torch.empty_like(t, device=meta))})[0].backward()
-            cache[key] = float(counter.get_total_flops())
+            cond = cond.apply(lambda t: torch.empty_like(t, device=meta))
+            cache[key] = loss_flops(lambda: self.objective.loss(net, torch.empty_like(x0, device=meta),
+                                                                {"cond": cond})[0])
         return cache[key]
 
     @torch.no_grad()

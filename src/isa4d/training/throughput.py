@@ -12,13 +12,24 @@ which is the wait for the next batch (loader and host-to-device copy). Values ar
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import torch
 
 # dense bf16 peak TFLOP/s by device name (for MFU); others: pass peak_tflops
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def loss_flops(loss: Callable[[], torch.Tensor]) -> float:
+    """Model FLOPs of `loss()` and its backward: every matmul, convolution and attention it runs, as
+    torch.utils.flop_counter counts them. On meta-device modules and inputs it costs no memory and no device time."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss().backward()
+    return float(counter.get_total_flops())
 
 
 def device_peak_tflops(device: torch.device) -> float | None:
