@@ -7,8 +7,10 @@ wins for each of its attention shapes (GPU).
 --parts     forward + backward of each part of one block at the preset's shapes (bf16 autocast, fp32 weights):
             spatial, temporal, 3D temporal, ISA, camera and reference attention, video and 3D MLPs, and the rest
             (norms, adaLN modulation, residual gates: the whole block minus the parts); ms and share of the block.
+            With --compile each part (and the block) is compiled alone first.
 --backends  forward + backward of scaled_dot_product_attention alone for each attention shape of the block, per
-            kernel (flash, cuDNN, memory-efficient), so each shape can use the one that wins.
+            kernel (flash, cuDNN, memory-efficient), so each shape can use the one that wins; for short key
+            sequences also `short_attention` compiled (broadcast products and sums Inductor may fuse).
 --lengths   time per latent frame of a training step (fwd+bwd+AdamW, batch 1, full activation checkpointing per
             block for both models so the longest clips fit) of the ISA-DiT and of a plain DiT of the same width
             and depth with full spatio-temporal self-attention over all T·N video tokens (3-axis rotary, adaLN-zero,
@@ -47,8 +49,12 @@ def timed(fn, repeats: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def fwd_bwd(module_fn, inputs: list[torch.Tensor]):
-    """A callable running module_fn(*inputs) forward and backward under bf16 autocast."""
+def fwd_bwd(module_fn, inputs: list[torch.Tensor], compile: bool = False):
+    """A callable running module_fn(*inputs) forward and backward under bf16 autocast (module_fn compiled first
+    with `compile`)."""
+    if compile:
+        module_fn = torch.compile(module_fn)
+
     def run():
         for x in inputs:
             x.grad = None
@@ -81,29 +87,39 @@ def block_parts(a: argparse.Namespace, device: torch.device) -> dict[str, float]
     zf, yf = r(B * T, N, D), r(B * T, M, D)
     zt, yt = r(B * N, T, D), r(B * M, T, D)
     zr = r(B, T * N, D)
+    cc = a.compile
     parts = {
-        "spatial attention": fwd_bwd(lambda x: block.spatial_attn(x, inputs.spatial_rope), [zf]),
-        "temporal attention": fwd_bwd(lambda x: block.temporal_attn(x, inputs.temporal_rope), [zt]),
-        "3D temporal attention": fwd_bwd(lambda x: block.point_temporal_attn(x, inputs.temporal_rope), [yt]),
+        "spatial attention": fwd_bwd(lambda x: block.spatial_attn(x, inputs.spatial_rope), [zf], cc),
+        "temporal attention": fwd_bwd(lambda x: block.temporal_attn(x, inputs.temporal_rope), [zt], cc),
+        "3D temporal attention": fwd_bwd(lambda x: block.point_temporal_attn(x, inputs.temporal_rope), [yt], cc),
         "ISA (both directions)": fwd_bwd(lambda u, v: block.isa(u, v, inputs.z_code,
                                                                   rearrange(inputs.y_code, "b t m c -> (b t) m c"),
                                                                   rearrange(inputs.y_mask, "b t m -> (b t) m")),
-                                         [zf, yf]),
-        "camera attention": fwd_bwd(lambda x, k: block.camera_attn(x, k), [zf, r(B * T, N, D)]),
-        "reference attention": fwd_bwd(lambda x, k: block.ref_attn(x, k), [zr, inputs.ref]),
-        "video MLP": fwd_bwd(block.video_mlp, [z]),
-        "3D MLP": fwd_bwd(block.point_mlp, [y]),
+                                         [zf, yf], cc),
+        "camera attention": fwd_bwd(lambda x, k: block.camera_attn(x, k), [zf, r(B * T, N, D)], cc),
+        "reference attention": fwd_bwd(lambda x, k: block.ref_attn(x, k), [zr, inputs.ref], cc),
+        "video MLP": fwd_bwd(block.video_mlp, [z], cc),
+        "3D MLP": fwd_bwd(block.point_mlp, [y], cc),
     }
     out = {name: timed(fn, a.repeats) * 1e3 for name, fn in parts.items()}
-    out["block"] = timed(fwd_bwd(lambda u, v, w: block(u, v, w, inputs), [z, y, c]), a.repeats) * 1e3
+    out["block"] = timed(fwd_bwd(lambda u, v, w: block(u, v, w, inputs), [z, y, c], cc), a.repeats) * 1e3
     out["rest (norms, modulation, gates)"] = out["block"] - sum(v for k, v in out.items() if k != "block")
     return out
 
 
 # --------------------------------------------------------------------------------------------------- backends
 
+def short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q·kᵀ/√Dh)·v for (B, H, L, Dh) as broadcast products and sums in fp32, not a matmul chain, so
+    Inductor neither calls a batched GEMM nor matches it back to SDPA: the candidate for a handful of keys."""
+    scores = (q.float()[..., :, None, :] * k.float()[..., None, :, :]).sum(-1) * q.shape[-1] ** -0.5
+    return (scores.softmax(-1)[..., None] * v.float()[..., None, :, :]).sum(-2).to(v.dtype)
+
+
 def backend_table(a: argparse.Namespace, device: torch.device) -> list[dict]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from isa4d.models.dit.attention import SHORT_SEQUENCE
 
     cfg = network_args(a.preset)
     D, H = cfg["hidden_size"], cfg["num_heads"]
@@ -135,6 +151,13 @@ def backend_table(a: argparse.Namespace, device: torch.device) -> list[dict]:
             except RuntimeError as e:  # the kernel does not take this shape or mask
                 row[label] = None
                 row[f"{label}_why"] = str(e).splitlines()[0][:80]
+        if lk <= SHORT_SEQUENCE and not masked:
+            math = torch.compile(short_attention)
+
+            def run_math():
+                q.grad = k.grad = v.grad = None
+                math(q, k, v).sum().backward()
+            row["math"] = timed(run_math, a.repeats) * 1e3
         rows.append(row)
     return rows
 
@@ -330,6 +353,7 @@ def main() -> None:
     ap.add_argument("--sample-size", type=int, default=512)
     ap.add_argument("--sample-frames", type=int, default=33)
     ap.add_argument("--sample-steps", type=int, default=25)
+    ap.add_argument("--compile", action="store_true", help="--parts: compile each part first")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     if not torch.cuda.is_available():
@@ -345,10 +369,12 @@ def main() -> None:
             print(f"| {k} | {v:.2f} | {100 * v / block:.1f}% |")
     if a.backends:
         result["backends"] = backend_table(a, device)
-        print("| attention | B x H x Lq x Lk x Dh | flash | cuDNN | mem-efficient (ms, fwd+bwd) |\n|---|---|---|---|---|")
+        print("| attention | B x H x Lq x Lk x Dh | flash | cuDNN | mem-efficient | compiled math (ms, fwd+bwd) |\n"
+              "|---|---|---|---|---|---|")
         for r in result["backends"]:
             cell = lambda k: "n/a" if r.get(k) is None else f"{r[k]:.3f}"  # noqa: E731
-            print(f"| {r['shape']} | {r['dims']} | {cell('flash')} | {cell('cudnn')} | {cell('efficient')} |")
+            print(f"| {r['shape']} | {r['dims']} | {cell('flash')} | {cell('cudnn')} | {cell('efficient')} | "
+                  f"{cell('math')} |")
     if a.profile:
         result["profile"] = kernel_profile(a, device)
         print(json.dumps(result["profile"]["ms_per_step_by_kind"]))

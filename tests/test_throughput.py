@@ -43,6 +43,24 @@ def test_throughput_rates_and_data_wait():
     assert m["perf/data_wait_fraction"] == pytest.approx(1 / 3, abs=0.12)
 
 
+def test_checkpoint_saves_and_validation_are_neither_steps_nor_data_wait():
+    """A 0.2 s save (or validation) between steps of 20 ms with no loader wait leaves rates and the wait untouched."""
+    cb, module, trainer = Throughput(peak_tflops=1.0), _Module(), _Trainer()
+    cb.on_train_start(trainer, module)
+    for step in range(1, 6):
+        cb.on_train_batch_start(trainer, module, None, 0)
+        module.step_counts = {"samples": 4, "tokens": 100, "flops": 2e10}
+        time.sleep(0.02)
+        trainer.global_step = step
+        cb.on_train_batch_end(trainer, module, None, None, 0)
+        if step in (2, 3):
+            (cb.on_save_checkpoint(trainer, module, {}) if step == 2 else cb.on_validation_start(trainer, module))
+            time.sleep(0.2)
+    m = module.logged[-1]  # the window of steps 3 and 4, after both pauses
+    assert m["perf/steps_per_s"] == pytest.approx(1 / 0.02, rel=0.3)
+    assert m["perf/data_wait_fraction"] < 0.1
+
+
 def test_dit_step_flops_match_a_count_of_the_real_network(tiny_vae_checkpoint, toy_body_dir):
     """DiTModule.step_flops (a meta-device copy built from the network's config) equals FlopCounterMode around the
     real network's forward + backward on CPU (attention through the math kernel, whose matmuls it counts)."""

@@ -6,7 +6,8 @@ A module reports what one training step processed by setting `step_counts` in `t
 of forward + backward, DiTModule counts them with torch.utils.flop_counter once per shape). The callback times the
 loop by wall clock between batch ends, without synchronising the GPU (a queue of asynchronous work evens out over
 the `log_every_n_steps` window), and splits off the time between the end of one step and the start of the next,
-which is the wait for the next batch (loader and host-to-device copy). Values are per process (per GPU).
+which is the wait for the next batch (loader and host-to-device copy); a gap with a checkpoint save or a validation
+in it is left out of both. Values are per process (per GPU).
 """
 
 from __future__ import annotations
@@ -58,10 +59,19 @@ class Throughput(L.Callback):
             self.peak_tflops = device_peak_tflops(pl_module.device)
         self._last_end = None
 
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self._paused = True  # the save runs between two steps: neither training nor waiting for data
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._paused = True
+
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         now = time.perf_counter()
-        if self._last_end is not None:
+        if self._last_end is not None and getattr(self, "_paused", False):
+            self._last_end = now  # a checkpoint save or validation since the last step: not timed at all
+        elif self._last_end is not None:
             self.wait += now - self._last_end
+        self._paused = False
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
