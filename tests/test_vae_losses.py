@@ -112,3 +112,43 @@ def test_hinge_losses_and_adaptive_weight():
     w = torch.randn(4, 4, requires_grad=True)
     rec, gan = 3.0 * (w ** 2).sum(), 0.5 * (w ** 2).sum()  # gradients 6w and w: ratio 6
     assert adaptive_gan_weight(rec, gan, w).item() == pytest.approx(6.0, rel=1e-3)
+
+
+def _adaptive_weight_worker(rank: int, init_file: str, result_file: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        w, x = _adaptive_weight_problem()
+        half = x[rank::2]  # this rank's share of the global batch
+        weight = adaptive_gan_weight(((half @ w) - 1).abs().mean(), (half @ w).square().mean(), w)
+        gathered = [torch.zeros(()) for _ in range(2)]
+        dist.all_gather(gathered, weight)
+        if rank == 0:
+            torch.save(torch.stack(gathered), result_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def _adaptive_weight_problem() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 3, generator=g, requires_grad=True)
+    x = torch.randn(8, 6, generator=g) * torch.linspace(0.1, 3.0, 8)[:, None]  # the two halves differ
+    return w, x
+
+
+def test_adaptive_weight_under_data_parallelism_is_the_global_batch_weight(tmp_path):
+    """Two processes, each with half the batch, both get the weight one process computes from the whole batch
+    (a weight from a rank's own half differs, which made 2-GPU VAE curves part from 1-GPU ones after the GAN
+    came on)."""
+    import torch.multiprocessing as mp
+
+    w, x = _adaptive_weight_problem()
+    single = adaptive_gan_weight(((x @ w) - 1).abs().mean(), (x @ w).square().mean(), w)
+    own_half = adaptive_gan_weight(((x[0::2] @ w) - 1).abs().mean(), (x[0::2] @ w).square().mean(), w)
+    assert abs(own_half.item() - single.item()) > 0.01 * single.item()  # the problem tells the two apart
+    result = tmp_path / "weights.pt"
+    mp.start_processes(_adaptive_weight_worker, args=(str(tmp_path / "pg"), str(result)), nprocs=2, join=True,
+                       start_method="spawn")
+    both = torch.load(result, weights_only=True)
+    torch.testing.assert_close(both, single.expand(2), rtol=1e-5, atol=0)
