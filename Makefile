@@ -21,7 +21,7 @@ DIT_RUN_DIR ?= runs/dit_$(DIT)
 # the stage-1 checkpoint the DiT preset names (configs/dit/*.yaml: vae_checkpoint); override with VAE_CKPT=...
 VAE_CKPT ?= $(shell sed -n 's/^ *vae_checkpoint: *//p' configs/dit/$(DIT).yaml)
 
-.PHONY: help setup test test-all demo data toy-body inspect train-vae train-dit eval sample bench bench-data bench-vae bench-dit bench-dit-parts clean
+.PHONY: help setup test test-all demo data toy-body inspect cache-latents train-vae train-dit eval sample bench bench-data bench-vae bench-dit bench-dit-parts clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -71,7 +71,17 @@ train-vae: setup $(if $(filter toy,$(DATA_CFG)),data) ## stage 1: isa4d fit, con
 	  --trainer.callbacks+=isa4d.training.checkpoint.AtomicCheckpoint \
 	  --trainer.callbacks.dirpath=$(RUN_DIR)/checkpoints --trainer.callbacks.save_last=true $(ARGS)
 
-train-dit: setup $(if $(filter toy,$(DATA_CFG)),data) $(VAE_CKPT) ## stage 2: isa4d fit, configs/dit/$(DIT).yaml on the frozen VAE $(VAE_CKPT) (trained first if missing); checkpoint $(DIT_RUN_DIR)/checkpoints/last.ckpt
+# cached-latent shards of $(DATA)'s train split (configs/data/toy_cached.yaml reads data/toy/latents)
+LATENTS ?= $(DATA)/latents
+CACHE_ARGS ?= --height 64 --width 64 --frames 17 --passes 4 --stride-jitter 1 --crop-jitter 0.5
+
+cache-latents: setup data $(LATENTS)/latents.json ## cache the frozen VAE $(VAE_CKPT)'s latents of $(DATA)/train-*.tar in $(LATENTS) (64x64x17, 4 cuts per clip; CACHE_ARGS=...); train on them: make train-dit DATA_CFG=toy_cached
+
+$(LATENTS)/latents.json: $(VAE_CKPT) $(DATA)/README.json
+	$(PY) -m data_prep.cache_latents --vae $(VAE_CKPT) --urls '$(DATA)/train-*.tar' --out '$(LATENTS)/train-%06d.tar' \
+	  $(CACHE_ARGS) --overwrite
+
+train-dit: setup $(if $(filter toy toy_cached,$(DATA_CFG)),data) $(if $(filter toy_cached,$(DATA_CFG)),cache-latents) $(VAE_CKPT) ## stage 2: isa4d fit, configs/dit/$(DIT).yaml on the frozen VAE $(VAE_CKPT) (trained first if missing); checkpoint $(DIT_RUN_DIR)/checkpoints/last.ckpt
 	$(ISA4D) fit -c configs/dit/$(DIT).yaml -c configs/data/$(DATA_CFG).yaml -c configs/trainer/$(TRAINER).yaml \
 	  --model.init_args.vae_checkpoint=$(VAE_CKPT) \
 	  --trainer.default_root_dir=$(DIT_RUN_DIR) --trainer.logger.init_args.save_dir=$(DIT_RUN_DIR) \

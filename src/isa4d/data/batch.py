@@ -3,6 +3,10 @@
 The loader ships `video`, `ref`, `bg` and `mask` as uint8 to keep worker-to-trainer traffic 4x smaller;
 `Batch.normalize()` (run by the datamodule after the batch reaches the device) turns them into float in [-1, 1]
 (`mask` into {0, 1}). Model code only ever sees normalised batches.
+
+A batch of cached-latent samples (isa4d.data.latents, written by data_prep/cache_latents.py) carries the frozen
+VAE's posterior moments in `latents` instead of frames: its `video`, `bg` and `mask` are None, everything else is
+as in a video batch. One batch holds one kind.
 """
 
 from __future__ import annotations
@@ -29,8 +33,24 @@ class SMPLBatch:
 
 
 @dataclass
+class LatentBatch:
+    """Cached posterior moments of the frozen VAE: mean and logvar stacked on channels, un-normalised (the encoder's
+    output), so a training step draws from the posterior exactly as when it encodes on the fly."""
+
+    video: torch.Tensor  # (B, 2C, T', h, w) moments of the clip
+    ref: torch.Tensor  # (B, 2C, h, w) moments of the reference image
+    height: int  # H, W: the size of the images the latents code
+    width: int
+    fingerprint: list[str]  # the VAE of each sample (isa4d.data.latents.vae_fingerprint)
+    bg: torch.Tensor | None = None  # (B, 2C, T', h, w) moments of the background plate, zeros where not has_bg
+
+    def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "LatentBatch":
+        return replace(self, video=fn(self.video), ref=fn(self.ref), bg=None if self.bg is None else fn(self.bg))
+
+
+@dataclass
 class Batch:
-    video: torch.Tensor  # (B, T, 3, H, W): uint8 from the loader, float in [-1, 1] after normalize()
+    video: torch.Tensor | None  # (B, T, 3, H, W): uint8 in the loader, [-1, 1] after normalize(); None: latents
     K: torch.Tensor  # (B, T, 3, 3) pixels of `video`
     w2c: torch.Tensor  # (B, T, 4, 4) world-to-camera, OpenCV axes
     smpl: SMPLBatch
@@ -50,20 +70,37 @@ class Batch:
     has_mask: torch.Tensor | None = None  # (B,) bool
     stats: dict[str, Any] = field(default_factory=dict)  # loader health, see isa4d.data.dataset
     normalized: bool = False
+    latents: LatentBatch | None = None  # cached VAE moments in place of video, bg and mask
 
     def __len__(self) -> int:
-        return self.video.shape[0]
+        return self.K.shape[0]
 
     @property
     def num_frames(self) -> int:
-        return self.video.shape[1]
+        return self.K.shape[1]
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(H, W) of the clip's frames, whether the batch carries them or their cached latents."""
+        if self.video is None:
+            return self.latents.height, self.latents.width
+        return tuple(self.video.shape[-2:])
+
+    def require_video(self, purpose: str, fix: str) -> torch.Tensor:
+        """The video, or a ValueError saying that `purpose` cannot run on a cached-latent batch and what to do."""
+        if self.video is None:
+            keys = ", ".join(self.key[:3]) + (", ..." if len(self.key) > 3 else "")
+            raise ValueError(f"{purpose} needs videos, but this batch ({keys}) holds cached latents "
+                             f"(data_prep/cache_latents.py): {fix}")
+        return self.video
 
     def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Batch":
         """A copy with `fn` applied to every tensor."""
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            out[f.name] = v.apply(fn) if isinstance(v, SMPLBatch) else fn(v) if isinstance(v, torch.Tensor) else v
+            nested = isinstance(v, (SMPLBatch, LatentBatch))
+            out[f.name] = v.apply(fn) if nested else fn(v) if isinstance(v, torch.Tensor) else v
         return Batch(**out)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
@@ -82,11 +119,25 @@ class Batch:
 
 
 @dataclass
+class LatentExample:
+    """One clip's cached posterior moments (see LatentBatch), numpy."""
+
+    video: np.ndarray  # (2C, T', h, w) float16 or float32
+    ref: np.ndarray  # (2C, h, w)
+    num_frames: int  # T, H, W of the frames the latents code
+    height: int
+    width: int
+    fingerprint: str
+    bg: np.ndarray | None = None  # (2C, T', h, w)
+
+
+@dataclass
 class ClipExample:
-    """One decoded clip, numpy, as a loader worker produces it before collation."""
+    """One decoded clip, numpy, as a loader worker produces it before collation; a cached-latent clip has `latents`
+    instead of `video`, `bg` and `mask`."""
 
     key: str
-    video: np.ndarray  # (T, H, W, 3) uint8
+    video: np.ndarray | None  # (T, H, W, 3) uint8
     K: np.ndarray  # (T, 3, 3)
     w2c: np.ndarray  # (T, 4, 4)
     betas: np.ndarray  # (P, 10)
@@ -105,6 +156,14 @@ class ClipExample:
     gender: str
     bg: np.ndarray | None = None  # (T, H, W, 3) uint8
     mask: np.ndarray | None = None  # (T, H, W, 1) uint8
+    latents: LatentExample | None = None
+
+    @property
+    def size(self) -> tuple[int, int, int]:
+        """(T, H, W) of the clip."""
+        if self.latents is not None:
+            return self.latents.num_frames, self.latents.height, self.latents.width
+        return self.video.shape[:3]
 
 
 def _pad_people(arrays: Sequence[np.ndarray], num_people: int) -> torch.Tensor:
@@ -122,11 +181,17 @@ def collate(examples: Sequence[ClipExample], stats: dict[str, Any] | None = None
     """Stack examples of one bucket into a Batch, padding people to the largest P with `person_mask`."""
     if not examples:
         raise ValueError("cannot collate an empty list")
-    shapes = {e.video.shape for e in examples}
+    cached = [e.key for e in examples if e.latents is not None]
+    if 0 < len(cached) < len(examples):
+        videos = [e.key for e in examples if e.latents is None]
+        raise ValueError(f"a batch cannot mix cached-latent samples ({', '.join(cached[:3])}) and video samples "
+                         f"({', '.join(videos[:3])}): give one run shards of one kind (data_prep/cache_latents.py "
+                         f"writes cached ones)")
+    shapes = {(e.size, None if e.latents is None else e.latents.video.shape) for e in examples}
     if len(shapes) != 1:
-        raise ValueError(f"examples of one batch must share (T, H, W, C); got {sorted(shapes)}")
+        raise ValueError(f"examples of one batch must share (T, H, W) and latent shape; got {sorted(shapes)}")
     B, P = len(examples), max(e.betas.shape[0] for e in examples)
-    T, H, W, _ = examples[0].video.shape
+    T, H, W = examples[0].size
     person_mask = torch.zeros(B, P, dtype=torch.bool)
     for i, e in enumerate(examples):
         person_mask[i, : e.betas.shape[0]] = True
@@ -136,12 +201,15 @@ def collate(examples: Sequence[ClipExample], stats: dict[str, Any] | None = None
         *(_pad_people([getattr(e, "ref_" + n) for e in examples], P) for n in ("global_orient", "body_pose", "transl")),
     )
     stack = lambda name: torch.from_numpy(np.stack([np.asarray(getattr(e, name), dtype=np.float32) for e in examples]))  # noqa: E731
-    has_bg = torch.tensor([e.bg is not None for e in examples])
+    latents = _latents([e.latents for e in examples]) if cached else None
+    has_bg = torch.tensor([(e.bg if e.latents is None else e.latents.bg) is not None for e in examples])
     has_mask = torch.tensor([e.mask is not None for e in examples])
-    bg = _frames([e.bg if e.bg is not None else np.full((T, H, W, 3), 128, np.uint8) for e in examples]) if has_bg.any() else None
+    bg = None
+    if has_bg.any() and not cached:
+        bg = _frames([e.bg if e.bg is not None else np.full((T, H, W, 3), 128, np.uint8) for e in examples])
     mask = _frames([e.mask if e.mask is not None else np.zeros((T, H, W, 1), np.uint8) for e in examples]) if has_mask.any() else None
     return Batch(
-        video=_frames([e.video for e in examples]),
+        video=None if cached else _frames([e.video for e in examples]),
         K=stack("K"),
         w2c=stack("w2c"),
         smpl=smpl,
@@ -156,8 +224,20 @@ def collate(examples: Sequence[ClipExample], stats: dict[str, Any] | None = None
         key=[e.key for e in examples],
         gender=[e.gender for e in examples],
         bg=bg,
-        has_bg=has_bg if bg is not None else None,
+        has_bg=has_bg if has_bg.any() else None,
         mask=mask,
         has_mask=has_mask if mask is not None else None,
         stats=dict(stats or {}),
+        latents=latents,
     )
+
+
+def _latents(examples: Sequence[LatentExample]) -> LatentBatch:
+    """Stack cached moments; a clip without a background plate gets zero moments (its latent is masked out)."""
+    stack = lambda arrays: torch.from_numpy(np.stack(arrays))  # noqa: E731
+    bg = None
+    if any(e.bg is not None for e in examples):
+        bg = stack([e.bg if e.bg is not None else np.zeros_like(e.video) for e in examples])
+    return LatentBatch(video=stack([e.video for e in examples]), ref=stack([e.ref for e in examples]),
+                       height=examples[0].height, width=examples[0].width,
+                       fingerprint=[e.fingerprint for e in examples], bg=bg)

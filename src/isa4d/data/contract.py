@@ -98,6 +98,11 @@ class ParsedSample:
     extra: dict[str, bytes] = field(default_factory=dict)
 
     @property
+    def size(self) -> tuple[int, int, int]:
+        """(frames, height, width) of the video."""
+        return self.info.num_frames, self.info.height, self.info.width
+
+    @property
     def fps(self) -> float:
         return float(self.meta["fps"])
 
@@ -109,7 +114,7 @@ class ParsedSample:
 # --------------------------------------------------------------------------------------------------- parsing
 
 
-def _loadnpz_bytes(data: bytes, name: str, key: str) -> dict[str, np.ndarray]:
+def load_npz(data: bytes, name: str, key: str) -> dict[str, np.ndarray]:
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
@@ -133,7 +138,7 @@ def _array(arrays: Mapping[str, np.ndarray], name: str, field_name: str, shape: 
 
 
 def parse_smpl(data: bytes, key: str, name: str = "smpl.npz", num_frames: int | None = None) -> SMPLSequence:
-    z = _loadnpz_bytes(data, name, key)
+    z = load_npz(data, name, key)
     betas = _array(z, name, "betas", (None, None), key)
     P = betas.shape[0]
     if P < 1:
@@ -148,7 +153,7 @@ def parse_smpl(data: bytes, key: str, name: str = "smpl.npz", num_frames: int | 
 
 
 def parse_cameras(data: bytes, key: str, num_frames: int) -> CameraSequence:
-    z = _loadnpz_bytes(data, "cam.npz", key)
+    z = load_npz(data, "cam.npz", key)
     K = _array(z, "cam.npz", "K", (None, 3, 3), key)
     w2c = _array(z, "cam.npz", "w2c", (None, 4, 4), key)
     for name, a in (("K", K), ("w2c", w2c)):
@@ -228,7 +233,7 @@ def parse_sample(sample: Mapping[str, Any]) -> ParsedSample:
 
 
 def parse_reference(image: bytes, data: bytes, key: str, num_people: int) -> ReferenceView:
-    z = _loadnpz_bytes(data, "ref.npz", key)
+    z = load_npz(data, "ref.npz", key)
     K = _array(z, "ref.npz", "K", (3, 3), key)
     w2c = _array(z, "ref.npz", "w2c", (4, 4), key)
     check_intrinsics(K, key, "ref.npz['K']")

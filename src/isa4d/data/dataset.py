@@ -13,6 +13,9 @@ s = k + w + jW, all in lane s mod W; a lane's shard stream restarts every `segme
 its first step without decoding (at most `segment_steps` / W batches per worker), so k steps + resume + the rest
 see exactly the batches of an uninterrupted run. (A clip that fails to decode inside the replayed part would
 shift the selection; such clips are rare and counted.)
+
+Cached-latent samples (isa4d.data.latents) flow through the same streams: each sample is parsed by its kind, a
+cached one fits only the bucket of its exact size and needs no decoding (`_example`).
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from isa4d.data.batch import Batch, collate
+from isa4d.data.batch import Batch, ClipExample, collate
 from isa4d.data.buckets import Bucket, BucketSchedule, fits
-from isa4d.data.contract import ParsedSample, SampleError, parse_sample
+from isa4d.data.contract import ParsedSample, SampleError
 from isa4d.data.examples import ClipOptions, decode_example
+from isa4d.data.latents import LatentSample, parse_any
 from isa4d.data.shards import expand_urls, iter_samples, resampled_urls, shuffled, split_for_rank, split_for_worker
 
 log = logging.getLogger("isa4d.data")
@@ -116,7 +120,8 @@ class ClipDataset(IterableDataset):
         info = get_worker_info()
         return (0, 1) if info is None else (info.id, info.num_workers)
 
-    def _parsed(self, counter: SkipCounter, worker: int, num_workers: int, rng: np.random.Generator) -> Iterator[ParsedSample]:
+    def _parsed(self, counter: SkipCounter, worker: int, num_workers: int,
+                rng: np.random.Generator | None) -> Iterator[ParsedSample | LatentSample]:
         if self.resampled:  # each rank resamples from its own part of the data (split_for_rank)
             urls, select = split_for_rank(list(self.urls), self.rank, self.world_size)
             samples = iter_samples(resampled_urls(urls, rng), counter.shard_error, select)
@@ -134,7 +139,7 @@ class ClipDataset(IterableDataset):
             counter.seen += 1
             counter.errors_in_row = 0
             try:
-                yield parse_sample(raw)
+                yield parse_any(raw)
             except SampleError as e:
                 counter.skip(e.reason, str(e) + f" (shard {raw.get('__url__', '?')})")
 
@@ -162,7 +167,7 @@ class ClipDataset(IterableDataset):
         batches like any other and leave them out of their metrics."""
         scratch = SkipCounter(1.0, 1 << 30, 1 << 30)  # the repeats' skips are not counted again
         share = lambda: self._parsed(scratch, worker, num_workers, None)  # noqa: E731
-        whole = lambda: (parse_sample(raw) for raw in iter_samples(self.urls, scratch.shard_error))  # noqa: E731
+        whole = lambda: (parse_any(raw) for raw in iter_samples(self.urls, scratch.shard_error))  # noqa: E731
         source = share
         while True:
             produced = False
@@ -190,16 +195,24 @@ class ClipDataset(IterableDataset):
 
     # ------------------------------------------------------------------------------------------------ batching
 
-    def _fits(self, s: ParsedSample, bucket: Bucket) -> bool:
+    def _fits(self, s: ParsedSample | LatentSample, bucket: Bucket) -> bool:
+        if isinstance(s, LatentSample):
+            return s.fits(bucket)
         o = self.options
         return fits(bucket, s.info.height, s.info.width, s.info.num_frames, min_stride=o.min_stride,
                     aspect_tolerance=o.aspect_tolerance, max_upscale=o.max_upscale)
 
-    def _train_batches(self, parsed: Iterator[ParsedSample], counter: SkipCounter, gid: int, steps: Iterable[int],
-                       first: int) -> Iterator[Batch]:
+    def _example(self, s: ParsedSample | LatentSample, bucket: Bucket, rng: np.random.Generator | None) -> ClipExample:
+        """The clip of `s` for `bucket`: decoded from a video sample, as stored from a cached-latent one."""
+        if isinstance(s, LatentSample):
+            return s.to_example(bucket)
+        return decode_example(s, bucket, self.options, rng)
+
+    def _train_batches(self, parsed: Iterator[ParsedSample | LatentSample], counter: SkipCounter, gid: int,
+                       steps: Iterable[int], first: int) -> Iterator[Batch]:
         """The batches of `steps` (a worker's: the DataLoader takes workers in turn), each filled from the bucket
         the schedule names for its step; steps before `first` only select their samples (a resume's replay)."""
-        pool: list[ParsedSample] = []
+        pool: list[ParsedSample | LatentSample] = []
         evicted = 0
         for step in steps:
             bucket = self.schedule[step]
@@ -214,7 +227,7 @@ class ClipDataset(IterableDataset):
                         examples.append(None)
                         continue
                     try:
-                        examples.append(decode_example(s, bucket, self.options, rng))
+                        examples.append(self._example(s, bucket, rng))
                     except SampleError as e:
                         counter.skip(e.reason, str(e) + f" (shard {s.url})")
                     continue
@@ -223,7 +236,8 @@ class ClipDataset(IterableDataset):
                     return  # a finite (non-resampled) pass ended; the partial batch is dropped in training
                 scanned += 1
                 if not any(self._fits(s, b) for b in self.schedule.buckets):
-                    counter.skip("no_bucket", f"{s.key}: {s.info.height}x{s.info.width}x{s.info.num_frames} fits no bucket (shard {s.url})")
+                    (T, H, W), kind = s.size, "cached latents" if isinstance(s, LatentSample) else "video"
+                    counter.skip("no_bucket", f"{s.key}: {kind} {H}x{W}x{T} fits no bucket (shard {s.url})")
                     continue
                 pool.append(s)
                 if len(pool) > self.pool_size:
@@ -237,15 +251,16 @@ class ClipDataset(IterableDataset):
             if not replay:
                 yield collate(examples, {**counter.state(gid), "evicted": evicted, "bucket": bucket.name, "step": step})
 
-    def _eval_batches(self, parsed: Iterator[ParsedSample], counter: SkipCounter, gid: int,
+    def _eval_batches(self, parsed: Iterator[ParsedSample | LatentSample], counter: SkipCounter, gid: int,
                       state: dict[str, Any] | None = None) -> Iterator[Batch]:
-        """One ordered pass at the first bucket's size, centred windows and crops, every clip regardless of aspect.
-        `state`: the loader-health state the batches carry (default: `counter`'s)."""
+        """One ordered pass at the first bucket's size, centred windows and crops, every clip regardless of aspect
+        (cached latents only at their own size). `state`: the loader-health state the batches carry (default:
+        `counter`'s)."""
         bucket = self.schedule.buckets[0]
         examples = []
         for s in parsed:
             try:
-                examples.append(decode_example(s, bucket, self.options, None))
+                examples.append(self._example(s, bucket, None))
             except SampleError as e:
                 counter.skip(e.reason, str(e) + f" (shard {s.url})")
                 continue

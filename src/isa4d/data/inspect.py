@@ -1,4 +1,5 @@
-"""`isa4d data inspect URLS`: check shards against the contract and summarise them.
+"""`isa4d data inspect URLS`: check shards against the contract and summarise them (video shards and cached-latent
+shards alike, isa4d.data.latents).
 
 Exit status 0 when every sample is valid, 1 when any sample or shard is not, 2 on usage errors.
 """
@@ -14,7 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from isa4d.data import video as videolib
-from isa4d.data.contract import OPTIONAL_KEYS, ParsedSample, SampleError, parse_sample
+from isa4d.data.contract import OPTIONAL_KEYS, ParsedSample, SampleError
+from isa4d.data.latents import LatentSample, parse_any
 from isa4d.data.shards import expand_urls, iter_samples
 
 
@@ -30,9 +32,21 @@ class Report:
     codecs: Counter = field(default_factory=Counter)
     optional: Counter = field(default_factory=Counter)
     frames: list[int] = field(default_factory=list)
+    cached_vaes: Counter = field(default_factory=Counter)  # cached-latent samples by VAE fingerprint
 
-    def add(self, s: ParsedSample) -> None:
+    def add(self, s: ParsedSample | LatentSample) -> None:
         self.valid += 1
+        if isinstance(s, LatentSample):
+            e = s.example
+            T, H, W = s.size
+            self.sizes[f"{H}x{W}"] += 1
+            self.fps[f"{e.fps:g}"] += 1
+            self.people[e.betas.shape[0]] += 1
+            self.codecs[f"cached latents ({e.latents.video.dtype})"] += 1
+            self.frames.append(T)
+            self.optional.update(["latents bg"] if e.latents.bg is not None else [])
+            self.cached_vaes[e.latents.fingerprint] += 1
+            return
         self.sizes[f"{s.info.height}x{s.info.width}"] += 1
         self.fps[f"{s.fps:g}"] += 1
         self.people[s.smpl.num_people] += 1
@@ -50,7 +64,7 @@ class Report:
             "resolutions": dict(self.sizes.most_common()), "fps": dict(self.fps.most_common()),
             "people_per_clip": {str(k): v for k, v in sorted(self.people.items())}, "codecs": dict(self.codecs),
             "frames": {"min": int(f.min()), "median": float(np.median(f)), "max": int(f.max())},
-            "optional_keys": dict(self.optional),
+            "optional_keys": dict(self.optional), "cached_latents_by_vae": dict(self.cached_vaes),
             "problems": [{"url": u, "key": k, "reason": r, "message": m} for u, k, r, m in self.problems],
         }
 
@@ -81,8 +95,8 @@ def inspect(urls: list[str], decode: bool = False) -> Report:
     for raw in iter_samples(expanded, shard_error):
         report.samples += 1
         try:
-            s = parse_sample(raw)
-            if decode:
+            s = parse_any(raw)
+            if decode and isinstance(s, ParsedSample):
                 _deep_check(s)
         except SampleError as e:
             report.problems.append((str(raw.get("__url__")), e.key, e.reason, str(e)))
@@ -102,6 +116,8 @@ def print_report(r: Report, out=sys.stdout) -> None:
         p("people per clip: " + ", ".join(f"{k} ({v})" for k, v in d["people_per_clip"].items()))
         p("codecs: " + ", ".join(f"{k} ({v})" for k, v in d["codecs"].items()))
         p("optional keys: " + (", ".join(f"{k} ({v})" for k, v in d["optional_keys"].items()) or "none"))
+        if r.cached_vaes:
+            p("cached latents by VAE: " + ", ".join(f"{k} ({v})" for k, v in r.cached_vaes.items()))
     if r.problems:
         p(f"problems ({len(r.problems)}):")
         for u, k, reason, m in r.problems:

@@ -97,7 +97,7 @@ def generate(module, batch: Batch, tiles: ReferenceTiles | None = None, *, steps
     """
     vae, network = module.vae, module.network
     cond, points = module.conditions(batch)
-    B, F, _, H, W = batch.video.shape
+    B, F, (H, W) = len(batch), batch.num_frames, batch.image_size
     if tiles is not None:
         with torch.autocast(batch.K.device.type, enabled=False):
             ref = batch.ref_smpl

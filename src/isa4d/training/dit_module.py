@@ -7,6 +7,11 @@ cameras and background: ground truth | sample | sample with the conditioning bod
 the `evaluation` metrics of the samples (FVD, body-part appearance, pose IoU, PSNR, SSIM by default).
 `isa4d test` samples and scores every batch.
 
+Batches of cached latents (data_prep/cache_latents.py) carry the frozen VAE's posterior moments instead of videos:
+training draws its latents from them exactly as from the encoder's output, after checking that the cache was made
+by this module's VAE (`isa4d.data.latents.vae_fingerprint`). Validation and test need videos, the ground truth of
+their metrics.
+
 The VAE is not part of the DiT's checkpoints (it is frozen and has its own file): `on_save_checkpoint` leaves
 its weights out and records where they came from; `on_load_checkpoint` puts the current VAE's weights back.
 """
@@ -23,13 +28,14 @@ from torchmetrics import MeanMetric
 from torch import nn
 
 from isa4d.data.batch import Batch
+from isa4d.data.latents import vae_fingerprint
 from isa4d.diffusion.flow import FlowMatching
 from isa4d.diffusion.sampling import SAMPLERS
 from isa4d.diffusion.schedules import sampling_timesteps, shift_for_tokens
 from isa4d.inference.generate import generate, sample_latent
 from isa4d.inference.inputs import SampleRequest
 from isa4d.models.dit import DiTConditions, ISADiT, PoseConditioner
-from isa4d.models.vae import CausalVideoVAE, load_vae
+from isa4d.models.vae import CausalVideoVAE, DiagonalGaussian, load_vae
 from isa4d.parallel import ParallelConfig, configure_parallel
 from isa4d.training.evaluation import VideoEvaluation
 from isa4d.training.video_logging import body_points_overlay, log_video, video_grid
@@ -96,6 +102,9 @@ class DiTModule(L.LightningModule):
             raise ValueError(f"the DiT's frames_per_latent ({network.frames_per_latent}) must equal the VAE's "
                              f"temporal factor ({self.vae.temporal_factor})")
         self.vae_checkpoint = vae_checkpoint
+        # of the weights as loaded (configure_model may cast the VAE to bf16 later): what cached latents must match
+        self.vae_fingerprint = vae_fingerprint(self.vae)
+        self._cache_checked: set[str] = set()
         self.network = network
         self.conditioner = PoseConditioner(body_model_dir, network.num_points, surface_seed, min_points_per_part,
                                            self.vae.temporal_factor, self.vae.spatial_factor, network.patch_size,
@@ -131,16 +140,40 @@ class DiTModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------ conditioning
 
-    def _latent(self, video: torch.Tensor) -> torch.Tensor:
-        """(B, 3, T, H, W) in [-1, 1] -> normalised latent (B, C, T', h, w), float32."""
-        posterior = self.vae.encode(video.to(next(self.vae.parameters()).dtype))  # bf16 when kept frozen on GPU
+    def _posterior(self, batch: Batch, name: str) -> DiagonalGaussian:
+        """The frozen VAE's posterior over (B, C, T', h, w) of the batch's `video`, `ref` (T' = 1) or `bg`: from the
+        cached moments of a cached-latent batch, else encoded (in the VAE's dtype, bf16 when kept frozen on GPU)."""
+        if batch.latents is not None:
+            self._check_cache(batch)
+            moments = getattr(batch.latents, name)
+            return DiagonalGaussian(moments[:, :, None] if name == "ref" else moments)
+        images = getattr(batch, name)
+        x = images[:, :, None] if name == "ref" else rearrange(images, "b t c h w -> b c t h w")
+        return self.vae.encode(x.to(next(self.vae.parameters()).dtype))
+
+    def _latent(self, posterior: DiagonalGaussian) -> torch.Tensor:
+        """Normalised latent (B, C, T', h, w), float32: a posterior sample in training with `latent_sample`, else
+        the mean."""
         z = posterior.sample() if self.latent_sample and self.training else posterior.mode()
         return self.vae.normalize_latents(z.float())
+
+    def _check_cache(self, batch: Batch) -> None:
+        """Cached latents must come from this module's VAE; each fingerprint is checked once."""
+        for key, fingerprint in zip(batch.key, batch.latents.fingerprint):
+            if fingerprint in self._cache_checked:
+                continue
+            if fingerprint != self.vae_fingerprint:
+                raise ValueError(
+                    f"cached latents of sample {key!r} were made by VAE {fingerprint}, but this module's VAE "
+                    f"({self.vae_checkpoint or 'given'}) is {self.vae_fingerprint}: cache the shards again with this "
+                    f"VAE (data_prep/cache_latents.py), or set vae_checkpoint to the VAE the cache names in its "
+                    f"latents.json")
+            self._cache_checked.add(fingerprint)
 
     @torch.no_grad()
     def encode(self, batch: Batch) -> tuple[torch.Tensor, DiTConditions, torch.Tensor]:
         """(x0 (B, C, T, h, w), conditions, posed points of every video frame (B, P, T_video, V, 3))."""
-        x0 = self._latent(rearrange(batch.video, "b t c h w -> b c t h w"))
+        x0 = self._latent(self._posterior(batch, "video"))
         cond, points = self.conditions(batch)
         if self.pad_people:
             cond = cond.pad_people(self.network.point_embedder.max_people)
@@ -150,11 +183,11 @@ class DiTModule(L.LightningModule):
     def conditions(self, batch: Batch) -> tuple[DiTConditions, torch.Tensor]:
         """What the DiT is conditioned on, from everything in the batch but its video (sampling needs no video):
         (conditions, posed points of every video frame (B, P, T_video, V, 3))."""
-        H, W = batch.video.shape[-2:]
-        ref = self._latent(batch.ref[:, :, None])[:, :, 0]  # (B, C, h, w)
+        H, W = batch.image_size
+        ref = self._latent(self._posterior(batch, "ref"))[:, :, 0]  # (B, C, h, w)
         bg = None
-        if batch.bg is not None and self.network.background:
-            bg = self._latent(rearrange(batch.bg, "b t c h w -> b c t h w"))
+        if batch.has_bg is not None and self.network.background:
+            bg = self._latent(self._posterior(batch, "bg"))
             bg = bg * batch.has_bg.to(bg.dtype)[:, None, None, None, None]  # no plate: the zero latent
         with torch.autocast(batch.K.device.type, enabled=False):  # geometry in fp32 (matrix inverses, projection)
             geometry, points = self.conditioner(batch.K.float(), batch.w2c.float(), batch.smpl, batch.person_mask,
@@ -206,6 +239,8 @@ class DiTModule(L.LightningModule):
 
     @torch.no_grad()
     def validation_step(self, batch: Batch, batch_idx: int, stage: str = "val") -> None:
+        batch.require_video(f"DiT {'validation' if stage == 'val' else stage} (the ground truth of its metrics)",
+                            "point data.val_urls at contract shards with mp4 videos; cached latents serve training")
         x0, cond, points = self.encode(batch)
         B = len(batch)
         generator = torch.Generator(device=x0.device).manual_seed(self.sample_seed + batch_idx)

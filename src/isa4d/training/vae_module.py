@@ -28,6 +28,8 @@ from isa4d.training.evaluation import VideoEvaluation
 from isa4d.training.faults import finite_or_skip
 from isa4d.training.video_logging import error_video, log_video, video_grid
 
+_VIDEO_SHARDS = "stage 1 learns from frames: give it contract shards with mp4 videos"
+
 
 @dataclass
 class VAELossWeights:
@@ -125,9 +127,9 @@ class VAEModule(L.LightningModule):
     # ------------------------------------------------------------------------------------------------- steps
 
     def training_step(self, batch: Batch, batch_idx: int) -> None:
+        x = rearrange(batch.require_video("VAE training", _VIDEO_SHARDS), "b t c h w -> b c t h w")
         opts = self.optimizers()
         opt_g, opt_d = opts if isinstance(opts, (list, tuple)) else (opts, None)
-        x = rearrange(batch.video, "b t c h w -> b c t h w")
         x = structured_motion(x, self.motion_shift, self.motion_prob)
         self.step_counts = {"samples": x.shape[0], "tokens": x.shape[0] * x.shape[2]}  # frames; throughput.py
         total, logs, recon = self._reconstruction_losses(x)
@@ -152,7 +154,7 @@ class VAEModule(L.LightningModule):
 
     @torch.no_grad()
     def validation_step(self, batch: Batch, batch_idx: int, stage: str = "val") -> None:
-        x = rearrange(batch.video, "b t c h w -> b c t h w")
+        x = rearrange(batch.require_video("VAE evaluation", _VIDEO_SHARDS), "b t c h w -> b c t h w")
         z = self.vae.encode(x).mode()
         recon = self.vae.decode(z).clamp(-1, 1)
         if batch.stats.get("padding"):  # run for FSDP's lockstep across ranks, counted nowhere
