@@ -1,6 +1,7 @@
 """VAE training-step and coding throughput on one GPU (or CPU): frames/s and peak memory per preset and clip size.
 
     python bench/bench_vae.py --preset base --size 256 --frames 17 --batch 1 [--record]
+    python bench/bench_vae.py --preset base --flops --compare-wan      # FLOPs per frame of coding, on the CPU
 
 Times forward+backward of the reconstruction objective (L1 + KL + image-decoding regulariser, no GAN, no LPIPS) and
 chunked encode / decode of a long clip, in bf16 autocast on CUDA. Medians over timed repeats after warm-up.
@@ -54,6 +55,36 @@ def code_rates(encode, decode, x: torch.Tensor, device: torch.device, repeats: i
     return n / t_enc, n / t_dec, peak
 
 
+def coding_flops(a: argparse.Namespace) -> list[str]:
+    """FLOPs per frame of encode and decode (torch.utils.flop_counter: every convolution, matmul and attention),
+    counted on the CPU on a --flops-frames x --flops-size² clip (convolutions scale with pixels, so the ratio holds
+    at any size), for the preset and, with --compare-wan, for diffusers' AutoencoderKLWan."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def count(fn) -> float:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops()
+
+    T, S = a.flops_frames, a.flops_size
+    x = torch.rand(1, 3, T, S, S) * 2 - 1
+    z = torch.randn(1, 16, 1 + (T - 1) // 4, S // 8, S // 8)
+    models = {f"isa4d {a.preset}": (build(a.preset).eval(), lambda m: m.encode(x).mode(), lambda m: m.decode(z))}
+    if a.compare_wan:
+        from diffusers import AutoencoderKLWan
+
+        models["Wan2.1"] = (AutoencoderKLWan(z_dim=16).eval(), lambda m: m.encode(x).latent_dist.mode(),
+                            lambda m: m.decode(z).sample)
+    out = [f"- FLOPs per frame at {S}x{S} ({T} frames; x{(a.size / S) ** 2:g} at {a.size}x{a.size}), counted on the CPU:"]
+    for name, (model, enc, dec) in models.items():
+        encoder = sum(p.numel() for p in model.encoder.parameters()) / 1e6
+        decoder = sum(p.numel() for p in model.decoder.parameters()) / 1e6
+        out.append(f"  - {name}: encode {count(lambda: enc(model)) / T / 1e9:.1f} GFLOP, decode "
+                   f"{count(lambda: dec(model)) / T / 1e9:.1f} GFLOP (encoder {encoder:.1f}M, decoder {decoder:.1f}M "
+                   f"parameters)")
+    return out
+
+
 def compare_wan(a: argparse.Namespace, device: torch.device, dtype: torch.dtype, _: float) -> list[str]:
     """Same run, same clip: isa4d's VAE against diffusers' AutoencoderKLWan (random weights, 4x8x8, 16 channels),
     at each size in --wan-sizes. Both in bf16 autocast, batch 1, `--long-frames` frames; isa4d chunks by --chunk."""
@@ -88,8 +119,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--compare-wan", action="store_true", help="also time diffusers' AutoencoderKLWan (needs diffusers)")
     ap.add_argument("--wan-sizes", type=int, nargs="+", default=[256, 512])
+    ap.add_argument("--flops", action="store_true", help="only count coding FLOPs per frame (CPU), with --compare-wan "
+                    "for Wan's too, and exit")
+    ap.add_argument("--flops-size", type=int, default=64)
+    ap.add_argument("--flops-frames", type=int, default=5)
     ap.add_argument("--record", action="store_true", help="append the result to docs/benchmarks.md")
     a = ap.parse_args()
+    if a.flops:
+        print("\n".join(coding_flops(a)))
+        return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     vae = build(a.preset).to(device)
