@@ -340,6 +340,13 @@ def sampling(a: argparse.Namespace, device: torch.device) -> dict:
             "decode_s": t_vae, "frames_per_s": a.sample_frames / (t_net + t_vae)}
 
 
+def print_table(header: list[str], rows: list[list[str]]) -> None:
+    """A markdown table, as docs/benchmarks.md takes it."""
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
 def main() -> None:
     ap = shape_parser(__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
@@ -367,17 +374,16 @@ def main() -> None:
         # compiled alone, parts pay for layout copies and boundaries the compiled block fuses away, so they can sum
         # to more than the block: then the share of their sum is the meaningful one
         parts = sum(v for k, v in result["parts_ms"].items() if k != "block" and not k.startswith("rest"))
-        print("| part | fwd+bwd (ms) | share of block | share of the parts' sum |\n|---|---|---|---|")
-        for k, v in result["parts_ms"].items():
-            print(f"| {k} | {v:.2f} | {100 * v / block:.1f}% | {100 * v / parts:.1f}% |")
+        print_table(["part", "fwd+bwd (ms)", "share of block", "share of the parts' sum"],
+                    [[k, f"{v:.2f}", f"{100 * v / block:.1f}%", f"{100 * v / parts:.1f}%"]
+                     for k, v in result["parts_ms"].items()])
     if a.backends:
         result["backends"] = backend_table(a, device)
-        print("| attention | B x H x Lq x Lk x Dh | flash | cuDNN | mem-efficient | compiled math (ms, fwd+bwd) |\n"
-              "|---|---|---|---|---|---|")
-        for r in result["backends"]:
-            cell = lambda k: "n/a" if r.get(k) is None else f"{r[k]:.3f}"  # noqa: E731
-            print(f"| {r['shape']} | {r['dims']} | {cell('flash')} | {cell('cudnn')} | {cell('efficient')} | "
-                  f"{cell('math')} |")
+        cell = lambda r, k: "n/a" if r.get(k) is None else f"{r[k]:.3f}"  # noqa: E731
+        print_table(["attention", "B x H x Lq x Lk x Dh", "flash", "cuDNN", "mem-efficient",
+                     "compiled math (ms, fwd+bwd)"],
+                    [[r["shape"], r["dims"], *(cell(r, k) for k in ("flash", "cudnn", "efficient", "math"))]
+                     for r in result["backends"]])
     if a.profile:
         result["profile"] = kernel_profile(a, device)
         print(json.dumps(result["profile"]["ms_per_step_by_kind"]))
@@ -385,12 +391,12 @@ def main() -> None:
             print(f"{ms:8.2f} ms {n:6d}x {name}")
     if a.lengths:
         result["lengths"] = length_sweep(a, device)
-        print("| frames | latent frames | ISA-DiT ms | per latent frame | TFLOP | full-attention DiT ms | per latent "
-              "frame | TFLOP |\n|---|---|---|---|---|---|---|---|")
-        for r in result["lengths"]:
-            f = lambda k: "OOM" if r.get(k) is None else f"{r[k]:.1f}"  # noqa: E731
-            print(f"| {r['frames']} | {r['latent_frames']} | {f('isa_ms')} | {f('isa_ms_per_latent_frame')} | "
-                  f"{r['isa_tflop']:.1f} | {f('full_ms')} | {f('full_ms_per_latent_frame')} | {r['full_tflop']:.1f} |")
+        f = lambda r, k: "OOM" if r.get(k) is None else f"{r[k]:.1f}"  # noqa: E731
+        print_table(["frames", "latent frames", "ISA-DiT ms", "per latent frame", "TFLOP", "full-attention DiT ms",
+                     "per latent frame", "TFLOP"],
+                    [[str(r["frames"]), str(r["latent_frames"]), f(r, "isa_ms"), f(r, "isa_ms_per_latent_frame"),
+                      f"{r['isa_tflop']:.1f}", f(r, "full_ms"), f(r, "full_ms_per_latent_frame"),
+                      f"{r['full_tflop']:.1f}"] for r in result["lengths"]])
     if a.sample:
         result["sampling"] = r = sampling(a, device)
         print(f"sampling {r['frames']}x{r['size']}², {r['steps']} steps: denoise {r['denoise_s']:.2f} s, decode "

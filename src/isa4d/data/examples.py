@@ -54,11 +54,16 @@ def decode_cropped(data: bytes, indices: np.ndarray, crop: CropResize, key: str,
     return frames[:, crop.top : crop.top + crop.out_h, crop.left : crop.left + crop.out_w]
 
 
-def reference_image(png: bytes, bucket: Bucket, key: str) -> tuple[np.ndarray, CropResize]:
+def open_reference(png: bytes, key: str) -> Image.Image:
+    """A sample's `ref.png` as an RGB image, or SampleError("malformed")."""
     try:
-        img = Image.open(io.BytesIO(png)).convert("RGB")
+        return Image.open(io.BytesIO(png)).convert("RGB")
     except Exception as e:
         raise SampleError("malformed", f"ref.png is not a readable image ({e})", key) from e
+
+
+def reference_image(png: bytes, bucket: Bucket, key: str) -> tuple[np.ndarray, CropResize]:
+    img = open_reference(png, key)
     crop = cover_crop(img.height, img.width, bucket.height, bucket.width)
     img = img.resize((crop.scaled_w, crop.scaled_h), Image.Resampling.BILINEAR, reducing_gap=None)
     arr = np.asarray(img)[crop.top : crop.top + crop.out_h, crop.left : crop.left + crop.out_w]

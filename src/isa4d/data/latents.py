@@ -28,6 +28,7 @@ from torch import nn
 
 from isa4d.data.batch import ClipExample, LatentExample
 from isa4d.data.buckets import Bucket
+from isa4d.data.examples import open_reference
 from isa4d.data.contract import (
     ParsedSample, SampleError, load_npz, npz_bytes, parse_cameras, parse_meta, parse_reference, parse_sample,
     parse_smpl,
@@ -114,10 +115,7 @@ def _moments(arrays: Mapping[str, np.ndarray], name: str, ndim: int, key: str) -
 
 
 def _reference_image(png: bytes, height: int, width: int, key: str) -> np.ndarray:
-    try:
-        image = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
-    except Exception as e:
-        raise SampleError("malformed", f"ref.png is not a readable image ({e})", key) from e
+    image = np.asarray(open_reference(png, key))
     if image.shape[:2] != (height, width):
         raise SampleError("bad_shape", f"ref.png is {image.shape[0]}x{image.shape[1]}, the cached clip "
                                        f"{height}x{width}", key)

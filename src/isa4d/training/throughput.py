@@ -49,6 +49,7 @@ class Throughput(L.Callback):
         self.peak_tflops = peak_tflops
         self._reset()
         self._last_end: float | None = None
+        self._paused = False  # a checkpoint save or validation ran since the last step
 
     def _reset(self) -> None:
         self.steps, self.seconds, self.wait = 0, 0.0, 0.0
@@ -67,7 +68,7 @@ class Throughput(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         now = time.perf_counter()
-        if self._last_end is not None and getattr(self, "_paused", False):
+        if self._last_end is not None and self._paused:
             self._last_end = now  # a checkpoint save or validation since the last step: not timed at all
         elif self._last_end is not None:
             self.wait += now - self._last_end
