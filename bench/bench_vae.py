@@ -61,9 +61,12 @@ def coding_flops(a: argparse.Namespace) -> list[str]:
     at any size), for the preset and, with --compare-wan, for diffusers' AutoencoderKLWan."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    by_module: dict[str, float] = {}
+
     def count(fn) -> float:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), FlopCounterMode(display=False, depth=4) as counter:
             fn()
+        by_module.update({k: sum(v.values()) for k, v in counter.get_flop_counts().items()})
         return counter.get_total_flops()
 
     T, S = a.flops_frames, a.flops_size
@@ -79,9 +82,13 @@ def coding_flops(a: argparse.Namespace) -> list[str]:
     for name, (model, enc, dec) in models.items():
         encoder = sum(p.numel() for p in model.encoder.parameters()) / 1e6
         decoder = sum(p.numel() for p in model.decoder.parameters()) / 1e6
-        out.append(f"  - {name}: encode {count(lambda: enc(model)) / T / 1e9:.1f} GFLOP, decode "
-                   f"{count(lambda: dec(model)) / T / 1e9:.1f} GFLOP (encoder {encoder:.1f}M, decoder {decoder:.1f}M "
-                   f"parameters)")
+        by_module.clear()
+        e_flops = count(lambda: enc(model))
+        d_flops = count(lambda: dec(model))  # by_module now holds the decoder's modules
+        out.append(f"  - {name}: encode {e_flops / T / 1e9:.1f} GFLOP, decode {d_flops / T / 1e9:.1f} GFLOP (encoder "
+                   f"{encoder:.1f}M, decoder {decoder:.1f}M parameters)")
+        heavy = [(k, v) for k, v in by_module.items() if k.count(".") == 3 and v >= 0.1 * d_flops]
+        out += [f"    - decoder module {k}: {v / T / 1e9:.1f} GFLOP" for k, v in heavy]
     return out
 
 
