@@ -37,8 +37,9 @@ def video(t: int, h: int = 32, w: int = 32, b: int = 1, dtype: torch.dtype = tor
 
 
 @pytest.mark.parametrize("t", [1, 5, 9, 17])
-def test_shapes_round_trip(t):
-    vae = make_vae()
+@pytest.mark.parametrize("upsampler", ["inflated", "factorized"])
+def test_shapes_round_trip(t, upsampler):
+    vae = make_vae(upsampler=upsampler)
     with torch.no_grad():
         posterior = vae.encode(video(t, 32, 48, b=2))
         assert posterior.mean.shape == (2, 16, 1 + (t - 1) // 4, 4, 6)
@@ -63,6 +64,8 @@ def test_bad_sizes_and_configs_raise():
         CausalVideoVAE(**{**TINY, "sub_latents": 2})
     with pytest.raises(ValueError, match="norm_groups"):
         CausalVideoVAE(**{**TINY, "norm_groups": 7})
+    with pytest.raises(ValueError, match="upsampler must be one of"):
+        CausalVideoVAE(**{**TINY, "upsampler": "bilinear"})
 
 
 def test_temporal_factor_generalises():
@@ -90,9 +93,10 @@ def test_encoder_is_causal():
     assert (m[:, :, 2] - m2[:, :, 2]).abs().max() > 1e-3  # the perturbation does reach latent frame 2
 
 
-def test_decoder_is_causal():
+@pytest.mark.parametrize("upsampler", ["inflated", "factorized"])
+def test_decoder_is_causal(upsampler):
     """Frame t sees latent frames <= ceil(t / 4): perturbing latent frame 2 leaves frames 0..4 bit-equal."""
-    vae = make_vae(torch.float64)
+    vae = make_vae(torch.float64, upsampler=upsampler)
     z = torch.randn(1, 16, 3, 4, 4, dtype=torch.float64)
     z2 = z.clone()
     z2[:, :, 2] += 1.0
@@ -102,8 +106,9 @@ def test_decoder_is_causal():
     assert (y[:, :, 5:] - y2[:, :, 5:]).abs().amax(dim=(0, 1, 3, 4)).min() > 1e-4  # frames 5..8 all move
 
 
-def test_first_frame_is_coded_alone():
-    vae = make_vae()
+@pytest.mark.parametrize("upsampler", ["inflated", "factorized"])
+def test_first_frame_is_coded_alone(upsampler):
+    vae = make_vae(upsampler=upsampler)
     x = video(9)
     with torch.no_grad():
         m = vae.encode(x).mean
@@ -114,8 +119,9 @@ def test_first_frame_is_coded_alone():
 # --------------------------------------------------------------------------------------------------- chunking
 
 
-def test_chunked_equals_unchunked_and_cache_does_not_leak():
-    vae = make_vae()
+@pytest.mark.parametrize("upsampler", ["inflated", "factorized"])
+def test_chunked_equals_unchunked_and_cache_does_not_leak(upsampler):
+    vae = make_vae(upsampler=upsampler)
     x = video(17)
     with torch.no_grad():
         m = vae.encode(x).mean
@@ -274,3 +280,26 @@ def test_bf16_autocast_runs_finite():
     for out in (recon, frames, chunked, posterior.kl()):
         assert torch.isfinite(out.float()).all()
     assert recon.shape == x.shape and frames.shape == x[:, :, index].shape
+
+
+def test_factorized_upsampler_splits_time_and_space():
+    """The factorised decoder upsamples with a 3x1x1 time conv before, and a 1x3x3 space conv after, the nearest
+    x2 (so the time conv runs at the lower resolution), and reaches the next level's width itself."""
+    vae = make_vae(upsampler="factorized")
+    kernels = {name: tuple(m.kernel_size) for name, m in vae.decoder.named_modules() if "upsample" in name
+               and isinstance(m, torch.nn.Conv3d)}
+    temporal = [i for i, stage in enumerate(vae.decoder.up) if hasattr(stage, "upsample") and stage.upsample.temporal]
+    assert temporal and all(kernels[f"up.{i}.upsample.time_conv"] == (3, 1, 1) for i in temporal)
+    assert all(k == (1, 3, 3) for n, k in kernels.items() if n.endswith("upsample.conv"))
+    # no shortcut conv is needed after a factorised upsampler: it already emits the next level's width
+    assert all(isinstance(stage.block[0].nin_shortcut, torch.nn.Identity) for stage in vae.decoder.up[:-1])
+    # time conv at the low resolution: its input is the stage's (h, w), not (2h, 2w)
+    seen = {}
+    hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: seen.__setitem__(n, inp[0].shape[-1]))
+             for n, m in vae.decoder.named_modules() if n.endswith("upsample.time_conv") or n.endswith("upsample.conv")]
+    with torch.no_grad():
+        vae.decode(torch.randn(1, 16, 3, 4, 4))
+    for h in hooks:
+        h.remove()
+    for i in temporal:
+        assert seen[f"up.{i}.upsample.conv"] == 2 * seen[f"up.{i}.upsample.time_conv"]

@@ -31,10 +31,43 @@ def group_norm_fp32_stats(x: Tensor, norm: nn.GroupNorm) -> Tensor:
         return F.group_norm(x, norm.num_groups, weight, bias, norm.eps)
 
 
+def channels_innermost(x: Tensor) -> bool:
+    """True when x (b, c, t, h, w) has its channels innermost in memory (channels_last_3d, or a time slice of
+    such a video): per-frame work then runs on a channels_last frames view, with no layout copies."""
+    return x.shape[1] > 1 and x.stride(1) == 1
+
+
+def frames_view(x: Tensor) -> Tensor:
+    """(b, c, t, h, w) channels_last_3d-contiguous -> ((b t), c, h, w) channels_last, a view (no copy).
+
+    Built through the (b t h w c) order rather than transpose + reshape, so that the frames' batch stride is
+    h w c even for a single frame: kernels read the layout from the strides (suggest_memory_format), and an
+    odd stride on a size-1 batch dim makes CPU group_norm copy to the standard layout.
+    """
+    b, c, t, h, w = x.shape
+    return x.permute(0, 2, 3, 4, 1).view(b * t, h, w, c).permute(0, 3, 1, 2)
+
+
+def video_view(frames: Tensor, b: int) -> Tensor:
+    """((b t), c, h, w) -> (b, c, t, h, w) channels_last_3d: a view of channels_last frames, else one copy."""
+    n, c, h, w = frames.shape
+    x = frames.permute(0, 2, 3, 1).reshape(b, n // b, h, w, c).permute(0, 4, 1, 2, 3)
+    return x.contiguous(memory_format=torch.channels_last_3d)
+
+
 class FrameGroupNorm(nn.GroupNorm):
-    """GroupNorm of a video (b, c, t, h, w) applied to each frame independently (statistics in fp32)."""
+    """GroupNorm of a video (b, c, t, h, w) applied to each frame independently (statistics in fp32).
+
+    Standard layout: each frame's channels are t h w apart, so the frames are gathered by a copy and scattered
+    back by another. Channels-last videos (b t h w c in memory) are frames already: norm on the view. The
+    channels-last kernel is the CPU's and Inductor's; CUDA's eager group_norm computes in the standard layout
+    (it copies its input and the result is copied back here), so on the GPU the gain needs torch.compile.
+    """
 
     def forward(self, x: Tensor) -> Tensor:  # x: (b, c, t, h, w)
+        if channels_innermost(x):
+            x = x.contiguous(memory_format=torch.channels_last_3d)  # no-op unless a time slice with b > 1
+            return video_view(group_norm_fp32_stats(frames_view(x), self), x.shape[0])  # channels_last_3d
         frames = rearrange(x, "b c t h w -> (b t) c h w")
         return rearrange(group_norm_fp32_stats(frames, self), "(b t) c h w -> b c t h w", b=x.shape[0])
 
@@ -117,10 +150,62 @@ class Upsample(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # x: (b, c, t, h, w)
         starts_clip = not self.conv.continuing  # read before the conv call fills its cache
-        x = F.interpolate(x.contiguous(), scale_factor=(1.0, 2.0, 2.0), mode="nearest")  # (b, c, t, 2h, 2w)
+        x = upsample_space(x)  # (b, c, t, 2h, 2w)
         x = self.conv(x)  # (b, r c, t, 2h, 2w)
         if self.temporal:
-            x = rearrange(x, "b (r c) t h w -> b c (t r) h w", r=self.factor)  # (b, c, r t, 2h, 2w)
-            if starts_clip:
-                x = x[:, :, self.factor - 1:]  # (b, c, 1 + r (t - 1), 2h, 2w)
+            x = depth_to_time(x, self.factor, starts_clip)  # (b, c, 1 + r (t - 1), 2h, 2w)
         return x
+
+
+class FactorizedUpsample(nn.Module):
+    """Upsample with time and space factorised (as Wan2.1's decoder does), a cheaper alternative to Upsample.
+
+    With `temporal`, a causal 3x1x1 conv at the *input* resolution emits 2c channels that become 2 frames
+    (depth-to-time as in Upsample); then nearest x2 in space and a 1x3x3 conv to `out_channels`. Per output
+    frame, Upsample's 3x3x3 conv costs 3 c / out_channels times this spatial conv, and 36 times this time conv
+    (which has 3 taps and runs on a quarter of the pixels).
+    """
+
+    def __init__(self, channels: int, out_channels: int, temporal: bool) -> None:
+        super().__init__()
+        self.temporal = temporal
+        self.factor = 2 if temporal else 1
+        self.time_conv = CausalConv3d(channels, 2 * channels, (3, 1, 1)) if temporal else None
+        self.conv = CausalConv3d(channels, out_channels, (1, 3, 3))
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (b, c, t, h, w)
+        if self.time_conv is not None:
+            starts_clip = not self.time_conv.continuing
+            x = depth_to_time(self.time_conv(x), self.factor, starts_clip)  # (b, c, 1 + 2 (t - 1), h, w)
+        return self.conv(upsample_space(x))  # (b, c_out, t', 2h, 2w)
+
+
+def upsample_space(x: Tensor) -> Tensor:
+    """Nearest x2 in space: (b, c, t, h, w) -> (b, c, t, 2h, 2w), in x's layout (standard or channels-last).
+
+    Channels-last videos are upsampled as frames by the 2D kernel, which has a channels-last version on CPU
+    and CUDA; CUDA's 3D nearest kernel computes in the standard layout (a copy in and one out). Same values.
+    """
+    if channels_innermost(x):
+        x = x.contiguous(memory_format=torch.channels_last_3d)  # no-op unless a time slice with b > 1
+        frames = F.interpolate(frames_view(x), scale_factor=2.0, mode="nearest")  # ((b t), c, 2h, 2w)
+        return video_view(frames, x.shape[0])
+    return F.interpolate(x.contiguous(), scale_factor=(1.0, 2.0, 2.0), mode="nearest")
+
+
+def depth_to_time(x: Tensor, factor: int, starts_clip: bool) -> Tensor:
+    """(b, r c, t, h, w) -> (b, c, r t, h, w), dropping the r - 1 frames before a clip's first frame.
+
+    One copy either way; a channels-last input is copied into the (b, t, r, h, w, c) order, so the result
+    stays channels_last_3d (the einops reshape would return the standard layout, and with t = 1 a mere view,
+    (b, h, w, r, c) in memory).
+    """
+    if channels_innermost(x):
+        b, rc, t, h, w = x.shape
+        x = x.permute(0, 2, 3, 4, 1).unflatten(4, (factor, rc // factor))  # (b, t, h, w, r, c), a view
+        x = x.permute(0, 1, 4, 2, 3, 5).contiguous()  # (b, t, r, h, w, c): the copy
+        x = x.view(b, t * factor, h, w, rc // factor)  # (b, (t r), h, w, c)
+        x = x.permute(0, 4, 1, 2, 3)  # (b, c, r t, h, w) channels_last_3d
+    else:
+        x = rearrange(x, "b (r c) t h w -> b c (t r) h w", r=factor)  # (b, c, r t, h, w)
+    return x[:, :, factor - 1:] if starts_clip else x

@@ -68,11 +68,12 @@ class CausalConv3d(nn.Conv3d):
     def forward(self, x: Tensor) -> Tensor:  # x: (b, c, t, h, w)
         if self.explicit_padding is not None:
             x = F.pad(x, self.explicit_padding)
-        if self.continuing:
+        # (a conv with one time tap caches nothing: skip the cat, which would copy the whole input; slices, unlike
+        # an expanded view, keep a channels_last_3d input in that format through the cat)
+        if self.continuing and self._cache.shape[2] > 0:
             x = torch.cat([self._cache, x], dim=2)  # (b, c, cached + t, h, w)
-        elif self.time_pad > 0:
-            first = x[:, :, :1].expand(-1, -1, self.time_pad, -1, -1)
-            x = torch.cat([first, x], dim=2)  # (b, c, kt - 1 + t, h, w)
+        elif not self.continuing and self.time_pad > 0:
+            x = torch.cat([x[:, :, :1]] * self.time_pad + [x], dim=2)  # (b, c, kt - 1 + t, h, w)
         if self.streaming:
             # Keep what the next output window starts from; clone so the whole chunk is not kept alive.
             kt, st = self.kernel_size[0], self.stride[0]
