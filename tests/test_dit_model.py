@@ -117,10 +117,12 @@ def test_rope_traced_for_compile_equals_eager():
 def test_ispe_codes_tokens_and_points_in_one_space():
     """A 3D point at a token's NDC (depth 0) gets exactly that token's code; the code is the sinusoid of the
     coordinates (a reference computed by hand) through the shared linear map."""
+    torch.manual_seed(0)
     ispe = ISPE(16, num_freqs=4)
     grid = token_grid_ndc(3, 5)  # (15, 3)
     point = grid[7].clone()
-    assert torch.allclose(ispe(ispe_code(point[None], 4)), ispe(ispe_code(grid, 4))[7:8])
+    # one row against a row of 15: float32 matmuls may round differently by batch shape, hence the atol
+    assert torch.allclose(ispe(ispe_code(point[None], 4)), ispe(ispe_code(grid, 4))[7:8], atol=1e-6)
     x = torch.tensor([[0.3, -0.5, 0.9]])
     freqs = torch.pi * 2.0 ** torch.arange(4)  # period 2 at the lowest frequency, octaves above
     manual = torch.cat([torch.cat([(c * freqs).sin(), (c * freqs).cos()]) for c in x[0]])[None]  # per coordinate

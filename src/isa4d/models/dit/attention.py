@@ -54,16 +54,41 @@ def grid_positions(*sizes: int, device: torch.device | str | None = None) -> tor
 
 
 SHORT_SEQUENCE = 16  # keys up to this many: the memory-efficient kernel wins (temporal attention over latent frames)
+PACK_LENGTH = 64  # short unmasked self-attentions are packed into sequences of up to this many tokens (0: never)
+PACK_MIN_SEQUENCES = 2048  # ... when there are at least this many sequences (fewer: the unpacked kernel wins)
 
 
-def _kernel_preference(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> list | None:
+def pack_group(num_sequences: int, length: int, target: int) -> int:
+    """How many consecutive sequences of `length` tokens to attend as one of g·length under a block-diagonal mask:
+    the largest divisor g of num_sequences with g·length <= target, else 1 (also for target 0 or length past
+    SHORT_SEQUENCE). SDPA tiles queries in blocks of 64-128, so 9 frames alone leave most of each tile idle.
+    A divisor, so (B, L) -> (B/g, g·L) stays a free reshape: no padding sequences to copy in and slice back out."""
+    if target <= 0 or length > SHORT_SEQUENCE:
+        return 1
+    for g in range(min(num_sequences, target // max(length, 1)), 1, -1):
+        if num_sequences % g == 0:
+            return g
+    return 1
+
+
+def block_diagonal_mask(groups: int, length: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """(1, 1, g·L, g·L) bool, True = attend: a token of a packed sequence sees only the L tokens of its own."""
+    seq = torch.arange(groups * length, device=device) // length  # (g·L,) original sequence of each token
+    return (seq[:, None] == seq[None, :])[None, None]
+
+
+def _kernel_preference(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None,
+                       packed: bool = False) -> list | None:
     """The SDPA kernels to try first for this shape on a GPU, from `bench/bench_dit_parts.py --backends` on an H100
     (docs/benchmarks.md): with a mask cuDNN (4x the memory-efficient kernel; flash takes no mask); for short
-    sequences the memory-efficient kernel (flash is 3x slower there); otherwise PyTorch's own order."""
+    sequences the memory-efficient kernel (flash is 3x slower there), also for the packed short sequences of
+    `SelfAttention` under their block-diagonal mask (`packed`); otherwise PyTorch's own order."""
     if q.device.type != "cuda" or torch.compiler.is_compiling():
         return None
     from torch.nn.attention import SDPBackend
 
+    if packed:
+        return [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
     if mask is not None:
         return [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     if k.shape[-2] <= SHORT_SEQUENCE:
@@ -72,9 +97,11 @@ def _kernel_preference(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | No
     return None
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """SDPA over (B, H, L, Dh) heads -> (B, L, H·Dh); `mask` (B, 1 or H, Lq, Lk) bool, True = attend."""
-    preference = _kernel_preference(q, k, mask)
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+              packed: bool = False) -> torch.Tensor:
+    """SDPA over (B, H, L, Dh) heads -> (B, L, H·Dh); `mask` (B, 1 or H, Lq, Lk) bool, True = attend; `packed`:
+    the mask is SelfAttention's block-diagonal one over packed short sequences (picks the kernel)."""
+    preference = _kernel_preference(q, k, mask, packed)
     if preference is None:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, Lq, Dh)
     else:
@@ -105,8 +132,11 @@ class _Heads(nn.Module):
 class SelfAttention(_Heads):
     """Multi-head self-attention with QK-norm and optional rotary positions; x (B, L, D) -> (B, L, D)."""
 
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, pack_length: int | None = None):
         super().__init__(dim, num_heads, qk_norm, qkv=nn.Linear(dim, 3 * dim))
+        # target of `pack_group`; None: the module's PACK_LENGTH for at least PACK_MIN_SEQUENCES sequences (read per
+        # call), else no packing; a number packs at that target whatever the batch (tests, benches)
+        self.pack_length = pack_length
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -116,7 +146,16 @@ class SelfAttention(_Heads):
         if rope is not None:
             angles = rope[:, None]  # (L, 1, Dr/2): broadcast over heads
             q, k = apply_rope(q, angles), apply_rope(k, angles)
-        return self.proj(attention(*(t.transpose(1, 2) for t in (q, k, v)), mask))  # (B, L, D)
+        B, L = x.shape[:2]
+        target = self.pack_length if self.pack_length is not None else PACK_LENGTH if B >= PACK_MIN_SEQUENCES else 0
+        g = 1 if mask is not None else pack_group(B, L, target)
+        if g == 1:
+            return self.proj(attention(*(t.transpose(1, 2) for t in (q, k, v)), mask))  # (B, L, D)
+        # short sequences, packed g at a time after rope (positions stay per sequence): (B, L) -> (B/g, g·L) merges
+        # adjacent dims, a view of the projection (v) and of the contiguous norm/rope outputs (q, k)
+        q, k, v = (t.reshape(B // g, g * L, *t.shape[2:]).transpose(1, 2) for t in (q, k, v))  # (B/g, H, g·L, Dh)
+        out = attention(q, k, v, block_diagonal_mask(g, L, x.device), packed=True)  # (B/g, g·L, H·Dh)
+        return self.proj(out.reshape(B, L, -1))  # (B, L, D)
 
 
 class CrossAttention(_Heads):
