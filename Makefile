@@ -120,9 +120,9 @@ runs/vae_%/checkpoints/last.ckpt: # a missing stage-1 checkpoint of a preset: tr
 
 bench: bench-data ## every benchmark that runs here
 
-bench-vae: setup ## VAE step and coding throughput (GPU; BENCH_VAE=base), vs diffusers' Wan2.1 VAE if installed; appends to docs/benchmarks.md
-	$(PY) bench/bench_vae.py --preset $(BENCH_VAE) --size 256 --frames 17 --long-frames 33 --chunk 16 \
-	  $(shell $(PY) -c "import diffusers" 2>/dev/null && echo --compare-wan) --record
+bench-vae: setup ## VAE step and compiled coding throughput (GPU; BENCH_VAE=base), vs diffusers' Wan2.1 VAE if installed; appends to docs/benchmarks.md
+	$(PY) bench/bench_vae.py --preset $(BENCH_VAE) --size 256 --frames 17 --long-frames 65 --chunk 4 --repeats 8 --compile \
+	  --wan-sizes 256 512 $(shell $(PY) -c "import diffusers" 2>/dev/null && echo --compare-wan) --record
 
 bench-dit: setup ## ISA-DiT training step by variant (eager, FSDP2, compile, checkpointing) on one GPU; appends to docs/benchmarks.md
 	$(PY) bench/bench_dit.py --preset base --size 256 --frames 33 --batch 2 --people 3 --warmup 3 --repeats 6 --record

@@ -28,6 +28,8 @@ import datetime
 import json
 import os
 import platform
+import shlex
+import sys
 from pathlib import Path
 
 import torch
@@ -71,13 +73,35 @@ def step_flops(a: argparse.Namespace) -> float:
     return loss_flops(lambda: FlowMatching().loss(net, x0, {"cond": cond})[0])
 
 
-def run_variant(variant: str, a: argparse.Namespace, mesh, device: torch.device) -> dict:
+ABLATABLE = {"isa": "isa", "3d-temporal": "point_temporal_attn"}  # --without name: the block's attribute
+
+
+class Absent(torch.nn.Module):
+    """Stands in for a block part removed by --without: returns zeros shaped like its first input (a pair for ISA),
+    so the rest of the step runs unchanged; the time saved is the part's cost within the whole step."""
+
+    def __init__(self, pair: bool) -> None:
+        super().__init__()
+        self.pair = pair
+
+    def forward(self, x: torch.Tensor, *rest, **_):
+        return (torch.zeros_like(x), torch.zeros_like(rest[0])) if self.pair else torch.zeros_like(x)
+
+
+def run_variant(variant: str, a: argparse.Namespace, mesh, device: torch.device, without: str | None = None,
+                pack: int | None = None) -> dict:
     from isa4d.diffusion.flow import FlowMatching
-    from isa4d.models.dit import ISADiT
+    from isa4d.models.dit import ISADiT, attention
     from isa4d.parallel import parallelize
+
+    if pack is not None:  # packing of the short temporal attentions (attention.PACK_LENGTH; 0: off)
+        attention.PACK_LENGTH = pack
 
     torch.manual_seed(0)
     net = ISADiT(**network_args(a.preset)).to(device)
+    if without is not None:
+        for block in net.blocks:
+            setattr(block, ABLATABLE[without], Absent(pair=without == "isa"))
     if variant != "eager":
         parallelize(net, device_mesh=mesh, compile="compile" in variant, mixed_precision="bf16",
                     activation_checkpointing="selective" if "selective" in variant else
@@ -107,7 +131,8 @@ def run_variant(variant: str, a: argparse.Namespace, mesh, device: torch.device)
         t, peak = stats.tolist()
     tokens = a.batch * T * (h // net.patch_size) * (w // net.patch_size)
     tflops = a.flops / t / 1e12
-    out = {"variant": variant, "gpus": mesh.size(), "ms": t * 1e3, "video_tokens_per_s_per_gpu": tokens / t,
+    label = variant + (f" pack {pack}" if pack is not None else "")
+    out = {"variant": label + (f" without {without}" if without else ""), "gpus": mesh.size(), "ms": t * 1e3, "video_tokens_per_s_per_gpu": tokens / t,
            "tflops_per_gpu": tflops, "mfu": tflops / a.peak_tflops, "peak_gib": peak,
            "params_m": net.num_parameters / 1e6}  # DTensor numel is the global size
     del net, opt
@@ -132,6 +157,12 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak, for MFU")
+    ap.add_argument("--pack-lengths", type=int, nargs="*", default=[],
+                    help="time each variant at each of these packing targets of the short temporal attentions "
+                         "(isa4d.models.dit.attention.PACK_LENGTH; 0: unpacked); default: the model's")
+    ap.add_argument("--without", nargs="*", default=[], choices=list(ABLATABLE),
+                    help="also time each variant with this block part replaced by zeros: its share of the whole "
+                         "step is the time saved (MFU of those rows still counts the full model's FLOPs)")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     ap.add_argument("--record", action="store_true", help="append the result to docs/benchmarks.md")
     a = ap.parse_args()
@@ -150,16 +181,20 @@ def main() -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cuda", (world,))
+    # variants, packing targets and --without parts each compile the same block code anew: room for all of them,
+    # or Dynamo falls back to eager for the later ones without a word in the timing
+    torch._dynamo.config.cache_size_limit = 64
     a.flops = step_flops(a)
     results = []
-    for variant in a.variants:
-        try:
-            results.append(run_variant(variant, a, mesh, device))
-        except torch.OutOfMemoryError:
-            results.append({"variant": variant, "gpus": world, "error": "out of memory"})
-            torch.cuda.empty_cache()
-        if rank == 0:
-            print(json.dumps(results[-1]), flush=True)
+    for variant, pack in [(v, p) for v in a.variants for p in (a.pack_lengths or [None])]:
+        for without in [None, *a.without]:
+            try:
+                results.append(run_variant(variant, a, mesh, device, without, pack))
+            except torch.OutOfMemoryError:
+                results.append({"variant": variant, "gpus": world, "error": "out of memory"})
+                torch.cuda.empty_cache()
+            if rank == 0:
+                print(json.dumps(results[-1]), flush=True)
     torch.distributed.destroy_process_group()
     if rank:
         return
@@ -172,6 +207,12 @@ def main() -> None:
         rows.append(f"| {r['variant']} | {world} | {r['error']} | | | | |" if "error" in r else
                     f"| {r['variant']} | {world} | {r['ms']:.1f} | {r['video_tokens_per_s_per_gpu']:.0f} | "
                     f"{r['tflops_per_gpu']:.1f} | {100 * r['mfu']:.1f}% | {r['peak_gib']:.2f} |")
+    full = {r["variant"]: r["ms"] for r in results if "ms" in r}
+    for r in results:
+        base, _, part = r["variant"].partition(" without ")
+        if part and "ms" in r and base in full:
+            rows.append(f"\n{part} in {base}: {full[base] - r['ms']:.1f} ms of {full[base]:.1f} ms, "
+                        f"{100 * (full[base] - r['ms']) / full[base]:.1f}% of the step")
     print(f"model FLOPs per step and GPU (fwd+bwd): {a.flops / 1e12:.2f} TFLOP")
     print("\n".join(rows))
     if a.json:
@@ -179,8 +220,7 @@ def main() -> None:
                                             "gpus": world, "results": results}, indent=1))
     if a.record:
         launcher = f"torchrun --nproc_per_node {world}" if world > 1 else "python"
-        cmd = (f"{launcher} bench/bench_dit.py --variants {' '.join(a.variants)} --preset {a.preset} --size {a.size} --frames {a.frames} --batch {a.batch} "
-               f"--people {a.people} --warmup {a.warmup} --repeats {a.repeats} --record")
+        cmd = f"{launcher} bench/bench_dit.py " + " ".join(shlex.quote(arg) for arg in sys.argv[1:])
         entry = "\n".join([
             f"\n### ISA-DiT `{a.preset}` ({params or float('nan'):.1f}M parameters) training step, {name} "
             f"({datetime.date.today().isoformat()})",

@@ -119,7 +119,7 @@ def short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
 def backend_table(a: argparse.Namespace, device: torch.device) -> list[dict]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from isa4d.models.dit.attention import SHORT_SEQUENCE
+    from isa4d.models.dit.attention import SHORT_SEQUENCE, block_diagonal_mask, pack_group
 
     cfg = network_args(a.preset)
     D, H = cfg["hidden_size"], cfg["num_heads"]
@@ -133,6 +133,50 @@ def backend_table(a: argparse.Namespace, device: torch.device) -> list[dict]:
         "camera": (B * T, N, N, False), "reference": (B, T * N, N, False)}
     backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                 "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def packed(b: int, L: int) -> dict:
+        """Short unmasked self-attention as `SelfAttention` packs it: g = pack_group(b, L, target) sequences per
+        row of g·L tokens under the block-diagonal mask, per target and kernel (cuDNN, memory-efficient), fwd+bwd
+        with the reshapes and the mask; `unpacked_efficient` is the unpacked baseline in the same layout (heads
+        transposed out of a contiguous (b, L, H, Dh) projection, where the columns before start from contiguous
+        (b, H, L, Dh))."""
+        qkv = [torch.randn(b, L, H, Dh, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+        heads = [t.transpose(1, 2) for t in qkv]  # (b, H, L, Dh) views, as SelfAttention hands them to SDPA
+        out = {}
+
+        def measure(key: str, run) -> None:
+            def step():
+                for t in qkv:
+                    t.grad = None
+                run()
+            try:
+                out[key] = timed(step, a.repeats) * 1e3
+            except RuntimeError as e:  # the kernel does not take this shape or mask
+                out[key] = None
+                out[f"{key}_why"] = str(e).splitlines()[0][:80]
+
+        def run_unpacked():
+            with sdpa_kernel(backends["efficient"]):
+                o = sdpa(*heads)  # (b, H, L, Dh)
+            o.transpose(1, 2).reshape(b, L, H * Dh).sum().backward()
+        measure("unpacked_efficient", run_unpacked)
+        for target in (64, 128, 256):
+            g = out[f"packed{target}_g"] = pack_group(b, L, target)
+            for label in ("cudnn", "efficient"):
+                if g == 1:
+                    out[f"packed{target}_{label}"] = None
+                    continue
+
+                def run(g=g, backend=backends[label]):
+                    # (b, H, L, Dh) -> (b/g, H, g·L, Dh): SelfAttention.forward's reshape of the (b, L, H, Dh) layout
+                    q, k, v = (t.transpose(1, 2).reshape(b // g, g * L, H, Dh).transpose(1, 2) for t in heads)
+                    with sdpa_kernel(backend):
+                        o = sdpa(q, k, v, attn_mask=block_diagonal_mask(g, L, device))  # (b/g, H, g·L, Dh)
+                    o.transpose(1, 2).reshape(b, L, H * Dh).sum().backward()
+                measure(f"packed{target}_{label}", run)
+        return out
+
     rows = []
     for name, (b, lq, lk, masked) in shapes.items():
         q = torch.randn(b, H, lq, Dh, device=device, dtype=torch.bfloat16, requires_grad=True)
@@ -158,6 +202,7 @@ def backend_table(a: argparse.Namespace, device: torch.device) -> list[dict]:
                 q.grad = k.grad = v.grad = None
                 math(q, k, v).sum().backward()
             row["math"] = timed(run_math, a.repeats) * 1e3
+            row.update(packed(b, lq))
         rows.append(row)
     return rows
 
@@ -384,6 +429,13 @@ def main() -> None:
                      "compiled math (ms, fwd+bwd)"],
                     [[r["shape"], r["dims"], *(cell(r, k) for k in ("flash", "cudnn", "efficient", "math"))]
                      for r in result["backends"]])
+        targets = (64, 128, 256)  # the short unmasked rows, packed g sequences per row as SelfAttention does
+        print_table(["attention, packed (ms, fwd+bwd)", "g at " + " / ".join(map(str, targets)),
+                     "unpacked mem-efficient",
+                     *(f"packed {t} {k}" for t in targets for k in ("cuDNN", "mem-efficient"))],
+                    [[r["shape"], " / ".join(str(r[f"packed{t}_g"]) for t in targets), cell(r, "unpacked_efficient"),
+                      *(cell(r, f"packed{t}_{k}") for t in targets for k in ("cudnn", "efficient"))]
+                     for r in result["backends"] if "unpacked_efficient" in r])
     if a.profile:
         result["profile"] = kernel_profile(a, device)
         print(json.dumps(result["profile"]["ms_per_step_by_kind"]))
