@@ -88,6 +88,10 @@ class Absent(torch.nn.Module):
         return (torch.zeros_like(x), torch.zeros_like(rest[0])) if self.pair else torch.zeros_like(x)
 
 
+def variant_label(variant: str, pack: int | None, without: str | None) -> str:
+    return variant + (f" pack {pack}" if pack is not None else "") + (f" without {without}" if without else "")
+
+
 def run_variant(variant: str, a: argparse.Namespace, mesh, device: torch.device, without: str | None = None,
                 pack: int | None = None) -> dict:
     from isa4d.diffusion.flow import FlowMatching
@@ -131,8 +135,8 @@ def run_variant(variant: str, a: argparse.Namespace, mesh, device: torch.device,
         t, peak = stats.tolist()
     tokens = a.batch * T * (h // net.patch_size) * (w // net.patch_size)
     tflops = a.flops / t / 1e12
-    label = variant + (f" pack {pack}" if pack is not None else "")
-    out = {"variant": label + (f" without {without}" if without else ""), "gpus": mesh.size(), "ms": t * 1e3, "video_tokens_per_s_per_gpu": tokens / t,
+    out = {"variant": variant_label(variant, pack, without), "gpus": mesh.size(), "ms": t * 1e3,
+           "video_tokens_per_s_per_gpu": tokens / t,
            "tflops_per_gpu": tflops, "mfu": tflops / a.peak_tflops, "peak_gib": peak,
            "params_m": net.num_parameters / 1e6}  # DTensor numel is the global size
     del net, opt
@@ -191,7 +195,8 @@ def main() -> None:
             try:
                 results.append(run_variant(variant, a, mesh, device, without, pack))
             except torch.OutOfMemoryError:
-                results.append({"variant": variant, "gpus": world, "error": "out of memory"})
+                results.append({"variant": variant_label(variant, pack, without), "gpus": world,
+                                "error": "out of memory"})
                 torch.cuda.empty_cache()
             if rank == 0:
                 print(json.dumps(results[-1]), flush=True)

@@ -116,6 +116,15 @@ def short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     return (scores.softmax(-1)[..., None] * v.float()[..., None, :, :]).sum(-2).to(v.dtype)
 
 
+def time_or_why(row: dict, key: str, fn, repeats: int) -> None:
+    """row[key] = fn's median time in ms, or None with row[key_why] when the kernel does not take this shape/mask."""
+    try:
+        row[key] = timed(fn, repeats) * 1e3
+    except RuntimeError as e:
+        row[key] = None
+        row[f"{key}_why"] = str(e).splitlines()[0][:80]
+
+
 def backend_table(a: argparse.Namespace, device: torch.device) -> list[dict]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -150,11 +159,7 @@ def backend_table(a: argparse.Namespace, device: torch.device) -> list[dict]:
                 for t in qkv:
                     t.grad = None
                 run()
-            try:
-                out[key] = timed(step, a.repeats) * 1e3
-            except RuntimeError as e:  # the kernel does not take this shape or mask
-                out[key] = None
-                out[f"{key}_why"] = str(e).splitlines()[0][:80]
+            time_or_why(out, key, step, a.repeats)
 
         def run_unpacked():
             with sdpa_kernel(backends["efficient"]):
@@ -190,11 +195,7 @@ def backend_table(a: argparse.Namespace, device: torch.device) -> list[dict]:
                 with sdpa_kernel(backend):
                     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
                 out.sum().backward()
-            try:
-                row[label] = timed(run, a.repeats) * 1e3
-            except RuntimeError as e:  # the kernel does not take this shape or mask
-                row[label] = None
-                row[f"{label}_why"] = str(e).splitlines()[0][:80]
+            time_or_why(row, label, run, a.repeats)
         if lk <= SHORT_SEQUENCE and not masked:
             math = torch.compile(short_attention)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import platform
 import shlex
 import statistics
@@ -34,7 +35,7 @@ def build(preset: str, overrides: list[str] = ()):
     args = cfg["model"]["init_args"]["vae"]["init_args"]
     for item in overrides:
         key, sep, value = item.partition("=")
-        if not sep or key not in CausalVideoVAE.__init__.__code__.co_varnames:
+        if not sep or key not in inspect.signature(CausalVideoVAE).parameters:
             raise SystemExit(f"--set {item!r}: expected KEY=VALUE with KEY a CausalVideoVAE argument")
         args[key] = yaml.safe_load(value)
     return CausalVideoVAE(**args)
