@@ -124,8 +124,10 @@ bench-vae: setup ## VAE step and compiled coding throughput (GPU; BENCH_VAE=base
 	$(PY) bench/bench_vae.py --preset $(BENCH_VAE) --size 256 --frames 17 --long-frames 65 --chunk 4 --repeats 8 --compile \
 	  --wan-sizes 256 512 $(shell $(PY) -c "import diffusers" 2>/dev/null && echo --compare-wan) --record
 
-bench-dit: setup ## ISA-DiT training step by variant (eager, FSDP2, compile, checkpointing) on one GPU; appends to docs/benchmarks.md
+bench-dit: setup ## ISA-DiT training step by variant (eager, compile, CUDA graphs, FSDP2, checkpointing), ISA's share and a kernel profile (GPU); appends to docs/benchmarks.md
 	$(PY) bench/bench_dit.py --preset base --size 256 --frames 33 --batch 2 --people 3 --warmup 3 --repeats 6 --record
+	$(PY) bench/bench_dit.py --preset base --size 256 --frames 33 --batch 2 --people 3 --warmup 4 --repeats 6 \
+	  --variants compile+cudagraphs --without isa --profile 16 --record
 
 bench-dit-parts: setup ## ISA-DiT time by block part, attention kernel per shape, cost vs clip length against full attention, sampling frames/s (GPU)
 	$(PY) bench/bench_dit_parts.py --preset base --size 256 --frames 33 --batch 2 --people 3 --parts --backends --profile

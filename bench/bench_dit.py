@@ -7,6 +7,8 @@ Times forward + backward + AdamW of the flow-matching loss on random latents and
 (the VAE's 4x8x8 compression), for each variant:
 
     eager              the plain module, bf16 autocast, fp32 weights
+    compile            ... with torch.compile per block: what the single-GPU trainer runs (no FSDP)
+    compile+cudagraphs ... compiled with mode="reduce-overhead": each block's kernels replayed as CUDA graphs
     fsdp               isa4d.parallel.parallelize on a 1-GPU mesh: FSDP2, bf16 compute, fp32 master weights
     fsdp+compile       ... with torch.compile per block
     fsdp+selective     ... with selective activation checkpointing (keep matmul/attention outputs)
@@ -37,7 +39,7 @@ import yaml
 from bench_vae import timed  # bench/ is the script's folder, so it is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("eager", "fsdp", "fsdp+compile", "fsdp+selective", "fsdp+full", "fsdp+full+compile")
+VARIANTS = ("eager", "compile", "compile+cudagraphs", "fsdp", "fsdp+compile", "fsdp+selective", "fsdp+full", "fsdp+full+compile")
 
 
 def network_args(preset: str) -> dict:
@@ -88,6 +90,59 @@ class Absent(torch.nn.Module):
         return (torch.zeros_like(x), torch.zeros_like(rest[0])) if self.pair else torch.zeros_like(x)
 
 
+def kernel_kind(name: str) -> str:
+    """A CUDA kernel's family, by its name: which attention backend, GEMM, Inductor-generated or anything else."""
+    n = name.lower()
+    if "sdpa" in n or ("cudnn" in n and ("fprop" in n or "bprop" in n) and "flash" in n):
+        return "attention: cuDNN"
+    if "fmha" in n or "cutlassf" in n or "cutlassb" in n:
+        return "attention: memory-efficient"
+    if "flash" in n:
+        return "attention: flash"
+    if "gemm" in n or "nvjet" in n or "xmma" in n or "cutlass" in n:
+        return "GEMM"
+    if n.startswith("triton"):
+        return "Inductor (Triton)"
+    if "nccl" in n:
+        return "NCCL"
+    return "other (ATen element-wise, copies, reductions)"
+
+
+def busy_ms(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of (start, end) intervals: the time the GPU ran at least one kernel."""
+    total, end = 0.0, float("-inf")
+    for s, e in sorted(intervals):
+        if e > end:
+            total += e - max(s, end)
+            end = e
+    return total
+
+
+def kernel_profile(step, steps: int, top: int) -> tuple[dict, float, list]:
+    """Per step, from torch.profiler over `steps` steps: CUDA kernel time by `kernel_kind`, the time the GPU was
+    busy (kernels overlap across streams; the rest of the step it waited for the CPU), and the `top` kernels.
+    Annotations (FSDP's and the optimizer's ranges on the GPU timeline) are not kernels and are left out."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.events() if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
+    busy = busy_ms([(e.time_range.start / 1e3, e.time_range.end / 1e3) for e in events]) / steps
+    per_name: dict[str, list] = {}
+    for e in events:
+        entry = per_name.setdefault(e.name, [0.0, 0])
+        entry[0] += e.time_range.elapsed_us() / 1e3 / steps
+        entry[1] += 1
+    kinds: dict[str, float] = {}
+    for name, (ms, _) in per_name.items():
+        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + ms
+    ranked = sorted(per_name.items(), key=lambda kv: -kv[1][0])[:top]
+    return kinds, busy, [(name[:100], ms, n // steps) for name, (ms, n) in ranked]
+
+
 def variant_label(variant: str, pack: int | None, without: str | None) -> str:
     return variant + (f" pack {pack}" if pack is not None else "") + (f" without {without}" if without else "")
 
@@ -97,16 +152,22 @@ def run_variant(variant: str, a: argparse.Namespace, mesh, device: torch.device,
     from isa4d.diffusion.flow import FlowMatching
     from isa4d.models.dit import ISADiT, attention
     from isa4d.parallel import parallelize
+    from isa4d.parallel.fsdp import checkpoint_and_compile
 
     if pack is not None:  # packing of the short temporal attentions (attention.PACK_LENGTH; 0: off)
         attention.PACK_LENGTH = pack
 
     torch.manual_seed(0)
+    torch._dynamo.utils.counters.clear()  # graph breaks are counted per variant
     net = ISADiT(**network_args(a.preset)).to(device)
     if without is not None:
         for block in net.blocks:
             setattr(block, ABLATABLE[without], Absent(pair=without == "isa"))
-    if variant != "eager":
+    cudagraphs = "cudagraphs" in variant
+    if variant.startswith("compile"):  # one GPU as the Lightning trainer runs it without FSDP: blocks compiled
+        checkpoint_and_compile(net.fsdp_units(), compile=True,
+                               compile_options={"mode": "reduce-overhead"} if cudagraphs else None)
+    elif variant != "eager":
         parallelize(net, device_mesh=mesh, compile="compile" in variant, mixed_precision="bf16",
                     activation_checkpointing="selective" if "selective" in variant else
                     "full" if "full" in variant else "none")
@@ -117,7 +178,9 @@ def run_variant(variant: str, a: argparse.Namespace, mesh, device: torch.device,
     cond = conditions(a.batch, a.people, T, net.num_points, h, w, net.latent_channels, net.frames_per_latent, device)
 
     def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=variant == "eager"):
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()  # a new iteration: the graphs' output buffers may be reused
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=not variant.startswith("fsdp")):
             loss, _ = flow.loss(net, x0, {"cond": cond})
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -128,14 +191,26 @@ def run_variant(variant: str, a: argparse.Namespace, mesh, device: torch.device,
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     t = timed(step, device, a.repeats)
-    peak = torch.cuda.max_memory_allocated() / 2**30
+    # CUDA graphs allocate their activations once, from a private pool, when recorded (in the warm-up): the
+    # allocator's peak over the timed steps misses them, so those rows report the memory reserved instead
+    peak = (torch.cuda.max_memory_reserved() if cudagraphs else torch.cuda.max_memory_allocated()) / 2**30
+    label = variant_label(variant, pack, without)
+    if a.profile and mesh.get_rank() == 0:
+        kinds, busy, top = kernel_profile(step, 2, a.profile)
+        total = sum(kinds.values())
+        print(f"\nper step, {label}: {total:.1f} ms of kernels, GPU busy {busy:.1f} ms of the {t * 1e3:.1f} ms step "
+              f"({100 * busy / (t * 1e3):.0f}%; profiled)")
+        print("\n".join(f"  {kind}: {ms:.1f} ms ({100 * ms / total:.1f}%)"
+                        for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1])))
+        print("\n".join(f"  {ms:7.2f} ms x{n:<4d} [{kernel_kind(name)}] {name}" for name, ms, n in top), flush=True)
     if mesh.size() > 1:  # the slowest rank sets the pace; memory is reported for the fullest GPU
         stats = torch.tensor([t, peak], device=device)
         torch.distributed.all_reduce(stats, op=torch.distributed.ReduceOp.MAX)
         t, peak = stats.tolist()
     tokens = a.batch * T * (h // net.patch_size) * (w // net.patch_size)
     tflops = a.flops / t / 1e12
-    out = {"variant": variant_label(variant, pack, without), "gpus": mesh.size(), "ms": t * 1e3,
+    out = {"variant": label, "gpus": mesh.size(), "ms": t * 1e3,
+           "graph_breaks": sum(torch._dynamo.utils.counters["graph_break"].values()),
            "video_tokens_per_s_per_gpu": tokens / t,
            "tflops_per_gpu": tflops, "mfu": tflops / a.peak_tflops, "peak_gib": peak,
            "params_m": net.num_parameters / 1e6}  # DTensor numel is the global size
@@ -167,6 +242,9 @@ def main() -> None:
     ap.add_argument("--without", nargs="*", default=[], choices=list(ABLATABLE),
                     help="also time each variant with this block part replaced by zeros: its share of the whole "
                          "step is the time saved (MFU of those rows still counts the full model's FLOPs)")
+    ap.add_argument("--profile", type=int, default=0, metavar="TOP",
+                    help="after timing, profile 2 steps: CUDA kernel time per step by kind (attention backend, "
+                         "GEMM, Inductor, other) and the TOP kernels")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     ap.add_argument("--record", action="store_true", help="append the result to docs/benchmarks.md")
     a = ap.parse_args()
@@ -178,8 +256,8 @@ def main() -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     torch.cuda.set_device(device)
-    if world > 1 and "eager" in a.variants:
-        raise SystemExit("the eager variant is one unsharded GPU; under torchrun pass --variants fsdp ...")
+    if world > 1 and {"eager", "compile", "compile+cudagraphs"} & set(a.variants):
+        raise SystemExit("the eager and compile variants are one unsharded GPU; under torchrun pass --variants fsdp ...")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.distributed.init_process_group("nccl", device_id=device)
     from torch.distributed.device_mesh import init_device_mesh
@@ -206,7 +284,8 @@ def main() -> None:
     params = next((r["params_m"] for r in results if r.get("params_m")), None)
     name = torch.cuda.get_device_name()
     T = 1 + (a.frames - 1) // 4
-    rows = ["| variant | GPUs | step (ms) | video tokens/s per GPU | TFLOP/s per GPU | MFU | peak (GiB) |",
+    rows = ["| variant | GPUs | step (ms) | video tokens/s per GPU | TFLOP/s per GPU | MFU | peak (GiB; reserved "
+            "with CUDA graphs) |",
             "|---|---|---|---|---|---|---|"]
     for r in results:
         rows.append(f"| {r['variant']} | {world} | {r['error']} | | | | |" if "error" in r else

@@ -177,3 +177,25 @@ def test_encode_keeps_geometry_in_fp32_under_autocast(tiny_vae_checkpoint, toy_b
     assert cond.plucker.dtype == torch.float32 and cond.points_ndc.dtype == torch.float32
     torch.testing.assert_close(cond.points_ndc, reference.points_ndc)
     torch.testing.assert_close(cond.plucker, reference.plucker)
+
+
+def test_cuda_graphs_start_a_graph_step_per_network_call(tiny_vae_checkpoint, toy_body_dir, toy_batch, monkeypatch):
+    """With parallel.cuda_graphs every call of the network begins a new step of the recorded graphs (one per
+    training step, one per solver step when sampling), registered once however often Lightning configures the
+    model; the VAE stage refuses the setting."""
+    from isa4d.parallel import ParallelConfig
+    from isa4d.training.vae_module import VAEModule
+
+    steps = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps.append(1))
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # the graphs themselves need a GPU (test_gpu.py)
+    config = ParallelConfig(compile=True, cuda_graphs=True)
+    module = tiny_module(tiny_vae_checkpoint, toy_body_dir, parallel=config)
+    module.configure_model()
+    module.configure_model()
+    calls = []
+    module.network.register_forward_pre_hook(lambda *_: calls.append(1))
+    module.training_step(toy_batch, 0).backward()
+    assert len(calls) == len(steps) == 1
+    with pytest.raises(ValueError, match="DiT stage only"):
+        VAEModule(vae=None, parallel=config)

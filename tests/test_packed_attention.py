@@ -139,3 +139,49 @@ def test_packed_under_torch_compile(backend):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
     for a, b in zip(packed, plain, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.timeout(120)
+def test_kernel_preference_is_traced_by_torch_compile(monkeypatch):
+    """A compiled block picks its SDPA kernel per shape as eager does: `sdpa_kernel` with a priority, inside the
+    traced code, stays one whole graph, restores the global kernel order afterwards and changes no result. CPU has
+    none of the fused kernels, so a preference is forced here; the H100 profile shows the kernels it picks
+    (docs/benchmarks.md)."""
+    from torch.nn.attention import SDPBackend
+
+    read_while_tracing = []
+
+    def prefer(q, k, mask, packed=False):
+        read_while_tracing.append(torch.compiler.is_compiling())
+        return [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
+
+    monkeypatch.setattr(attn_mod, "_kernel_preference", prefer)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    order = torch._C._get_sdp_priority_order()
+    module, rope = _module()
+    x = torch.randn(24, L, DIM, dtype=torch.float64)
+    eager = _run(module, x, rope, 128)
+    compiled = _run(module, x, rope, 128, torch.compile(module, backend="aot_eager", fullgraph=True))
+    assert read_while_tracing == [False, True]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert torch._C._get_sdp_priority_order() == order
+    for a, b in zip(compiled, eager, strict=True):  # traced rope: real products, fp32 angles round differently
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_kernel_preference_is_the_same_when_compiling(monkeypatch):
+    """The per-shape kernel order holds under torch.compile too (it once returned None there, so compiled steps ran
+    PyTorch's default order: cuDNN for the short temporal attentions, slower there on the H100)."""
+    from types import SimpleNamespace
+
+    from torch.nn.attention import SDPBackend
+
+    cuda = lambda *shape: SimpleNamespace(device=torch.device("cuda"), shape=shape)  # noqa: E731: no GPU needed
+    cases = [(cuda(18, 12, 256, 64), cuda(18, 12, 3073, 64), torch.ones(1, dtype=torch.bool), False),  # ISA
+             (cuda(512, 12, 9, 64), cuda(512, 12, 9, 64), None, False),  # temporal, 9 keys
+             (cuda(512, 12, 64, 64), cuda(512, 12, 64, 64), torch.ones(1, dtype=torch.bool), True)]  # packed
+    eager = [attn_mod._kernel_preference(*case) for case in cases]
+    assert eager[0][0] == SDPBackend.CUDNN_ATTENTION and eager[1][0] == eager[2][0] == SDPBackend.EFFICIENT_ATTENTION
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert [attn_mod._kernel_preference(*case) for case in cases] == eager

@@ -196,3 +196,32 @@ def test_isa_dit_sharded_matches_the_plain_one(mesh, ac):
     grads = dict(sharded.named_parameters())
     for name, p in plain.named_parameters():
         torch.testing.assert_close(grads[name].grad.full_tensor(), p.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_cuda_graphs_compile_units_in_reduce_overhead_mode_on_one_device_only(monkeypatch, mesh):
+    """parallel.cuda_graphs: each unit compiled with mode="reduce-overhead" (CUDA graphs) when nothing is sharded;
+    with FSDP, without compile or with checkpointing it is refused with the setting to change."""
+    from isa4d.parallel import fsdp
+
+    class Plain:
+        device_mesh = None
+
+    class Sharded:
+        device_mesh = mesh
+
+    options = []
+    monkeypatch.setattr(fsdp.torch, "compile", lambda fn, **kw: options.append(kw) or fn)
+    vae = tiny_vae()
+    configure_parallel(Plain(), trainable=[vae], config=ParallelConfig(compile=True, cuda_graphs=True))
+    assert options and all(kw == {"mode": "reduce-overhead"} for kw in options)
+    assert len(options) == len([u for u in wrap_units(vae) if not any(m is not u and m in wrap_units(vae)
+                                                                       for m in u.modules())])
+    options.clear()
+    configure_parallel(Plain(), trainable=[tiny_vae()], config=ParallelConfig(compile=True))
+    assert options and all(kw == {} for kw in options)
+    with pytest.raises(ValueError, match="cuda_graphs=false"):
+        configure_parallel(Sharded(), trainable=[tiny_vae()], config=ParallelConfig(compile=True, cuda_graphs=True))
+    with pytest.raises(ValueError, match="parallel.compile=true"):
+        ParallelConfig(cuda_graphs=True)
+    with pytest.raises(ValueError, match="activation_checkpointing=none"):
+        ParallelConfig(compile=True, cuda_graphs=True, activation_checkpointing="full")

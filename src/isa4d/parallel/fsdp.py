@@ -58,6 +58,11 @@ class ParallelConfig:
     compile: bool = False
     mixed_precision: Precision = "auto"
     reshard_after_forward: bool = True
+    # replay each compiled unit's kernels as CUDA graphs (torch.compile mode "reduce-overhead"): removes the host's
+    # per-kernel launch cost, which bounds small steps (docs/benchmarks.md). One device only: FSDP gathers
+    # parameters into new memory every step, which a recorded graph cannot follow. The training loop must call
+    # torch.compiler.cudagraph_mark_step_begin() per step (DiTModule does).
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         if self.activation_checkpointing not in ("none", "full", "selective"):
@@ -65,6 +70,15 @@ class ParallelConfig:
                              f"got {self.activation_checkpointing!r}")
         if self.mixed_precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"mixed_precision must be 'auto', 'bf16' or 'fp32', got {self.mixed_precision!r}")
+        if self.cuda_graphs and not self.compile:
+            raise ValueError("parallel.cuda_graphs replays compiled units: it needs parallel.compile=true")
+        if self.cuda_graphs and self.activation_checkpointing != "none":
+            raise ValueError("parallel.cuda_graphs with activation checkpointing is not supported: recomputation "
+                             "in backward replays the forward graph again; set activation_checkpointing=none")
+
+    @property
+    def compile_options(self) -> dict[str, Any] | None:
+        return {"mode": "reduce-overhead"} if self.cuda_graphs else None
 
 
 def resolve_precision(mixed_precision: Precision, device_mesh: DeviceMesh | None) -> str:
@@ -182,8 +196,13 @@ def configure_parallel(pl_module: Any, *, trainable: Sequence[nn.Module], frozen
     config = config or ParallelConfig()
     if mesh is None:
         for m in trainable:
-            checkpoint_and_compile(wrap_units(m), config.activation_checkpointing, config.compile)
+            checkpoint_and_compile(wrap_units(m), config.activation_checkpointing, config.compile,
+                                   config.compile_options)
         return False
+    if config.cuda_graphs:
+        raise ValueError("parallel.cuda_graphs needs one device without FSDP (FSDP gathers the parameters into new "
+                         "memory every step, which a recorded CUDA graph cannot follow); this run shards over "
+                         f"{mesh.size()} device(s) with ModelParallelStrategy: set parallel.cuda_graphs=false")
     for m in frozen:
         keep_frozen(m, device_mesh=data_parallel_mesh(mesh), mixed_precision=config.mixed_precision)
     for m in trainable:

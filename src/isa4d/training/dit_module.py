@@ -44,6 +44,10 @@ from isa4d.training.video_logging import body_points_overlay, log_video, video_g
 DIT_METRICS = ("psnr", "ssim", "fvd", "part_appearance", "pose_iou")
 
 
+def _new_cuda_graph_step(module: nn.Module, args: tuple) -> None:
+    torch.compiler.cudagraph_mark_step_begin()
+
+
 class DiTModule(L.LightningModule):
     checkpoint_monitor = ("val/loss", "min")  # the best checkpoint (isa4d.training.checkpoint, monitor="model")
     # frozen parts with checkpoints of their own: left out of this module's checkpoints, kept as loaded on resume
@@ -132,6 +136,10 @@ class DiTModule(L.LightningModule):
         kept whole, in bf16 on GPUs; under any other strategy nothing."""
         frozen = [m for m in (self.vae, self.image_encoder) if m is not None]
         configure_parallel(self, trainable=[self.network], frozen=frozen, config=self.parallel)
+        if self.parallel.cuda_graphs and getattr(self, "_graph_step_hook", None) is None:
+            # each network call is a new step of the recorded graphs: the outputs of the last one may be reused
+            # (training calls the network once per step; sampling once per solver step and guidance term)
+            self._graph_step_hook = self.network.register_forward_pre_hook(_new_cuda_graph_step)
 
     def train(self, mode: bool = True) -> "DiTModule":
         super().train(mode)

@@ -69,6 +69,9 @@ class VAEModule(L.LightningModule):
         """`evaluation`: the validation/test metrics, by default PSNR, SSIM and rFVD (FVD of the reconstructions
         against their inputs, logged as `val/rfvd`)."""
         super().__init__()
+        if parallel.cuda_graphs:
+            raise ValueError("parallel.cuda_graphs is supported for the DiT stage only: the VAE stage runs the "
+                             "generator and discriminators several times per step; set parallel.cuda_graphs=false")
         if (loss.gan_2d > 0 and disc_2d is None) or (loss.gan_3d > 0 and disc_3d is None):
             raise ValueError("a GAN weight is > 0 but its discriminator is missing (disc_2d / disc_3d)")
         if loss.image_reg > 0 and not vae.image_regularizer:
