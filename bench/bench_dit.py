@@ -15,6 +15,9 @@ Times forward + backward + AdamW of the flow-matching loss on random latents and
     fsdp+full          ... with full activation checkpointing (each block recomputed in backward)
     fsdp+full+compile  ... with full activation checkpointing and compile
 
+--compile-mode and --inductor KEY=VALUE tune the compiled variants (A/B of Inductor's settings, one configuration per
+process: Dynamo caches per code object); --without PART times the step with a block part replaced by zeros;
+--profile TOP breaks a step's kernel time down by family and reports how much of it the GPU was busy.
 Medians over timed repeats after warm-up (the slowest rank's); video tokens/s counts the latent patches of the clip.
 FLOPs are the model's real ones: every matmul, convolution and attention of one forward + backward, counted by
 torch.utils.flop_counter on the meta device (no memory), so achieved TFLOP/s = FLOPs / step time and MFU is that
@@ -143,8 +146,21 @@ def kernel_profile(step, steps: int, top: int) -> tuple[dict, float, list]:
     return kinds, busy, [(name[:100], ms, n // steps) for name, (ms, n) in ranked]
 
 
-def variant_label(variant: str, pack: int | None, without: str | None) -> str:
-    return variant + (f" pack {pack}" if pack is not None else "") + (f" without {without}" if without else "")
+def variant_label(variant: str, pack: int | None, without: str | None, tuning: str = "") -> str:
+    return variant + (f" pack {pack}" if pack is not None else "") + (f" without {without}" if without else "") + \
+        (f" [{tuning}]" if tuning and "compile" in variant else "")
+
+
+def set_inductor(items: list[str]) -> str:
+    """Apply --inductor KEY=VALUE settings (values parsed as YAML) to torch._inductor.config; returns their tag."""
+    import torch._inductor.config as inductor
+
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not hasattr(inductor, key):
+            raise SystemExit(f"--inductor {item!r}: expected KEY=VALUE with KEY a torch._inductor.config setting")
+        setattr(inductor, key, yaml.safe_load(value))
+    return ", ".join(items)
 
 
 def run_variant(variant: str, a: argparse.Namespace, mesh, device: torch.device, without: str | None = None,
@@ -164,13 +180,13 @@ def run_variant(variant: str, a: argparse.Namespace, mesh, device: torch.device,
         for block in net.blocks:
             setattr(block, ABLATABLE[without], Absent(pair=without == "isa"))
     cudagraphs = "cudagraphs" in variant
+    options = {"mode": "reduce-overhead" if cudagraphs else a.compile_mode} if cudagraphs or a.compile_mode else None
     if variant.startswith("compile"):  # one GPU as the Lightning trainer runs it without FSDP: blocks compiled
-        checkpoint_and_compile(net.fsdp_units(), compile=True,
-                               compile_options={"mode": "reduce-overhead"} if cudagraphs else None)
+        checkpoint_and_compile(net.fsdp_units(), compile=True, compile_options=options)
     elif variant != "eager":
         parallelize(net, device_mesh=mesh, compile="compile" in variant, mixed_precision="bf16",
                     activation_checkpointing="selective" if "selective" in variant else
-                    "full" if "full" in variant else "none")
+                    "full" if "full" in variant else "none", compile_options=options)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=True)
     flow = FlowMatching()
     T, h, w = 1 + (a.frames - 1) // 4, a.size // 8, a.size // 8
@@ -194,7 +210,7 @@ def run_variant(variant: str, a: argparse.Namespace, mesh, device: torch.device,
     # CUDA graphs allocate their activations once, from a private pool, when recorded (in the warm-up): the
     # allocator's peak over the timed steps misses them, so those rows report the memory reserved instead
     peak = (torch.cuda.max_memory_reserved() if cudagraphs else torch.cuda.max_memory_allocated()) / 2**30
-    label = variant_label(variant, pack, without)
+    label = variant_label(variant, pack, without, a.tuning)
     if a.profile and mesh.get_rank() == 0:
         kinds, busy, top = kernel_profile(step, 2, a.profile)
         total = sum(kinds.values())
@@ -242,6 +258,11 @@ def main() -> None:
     ap.add_argument("--without", nargs="*", default=[], choices=list(ABLATABLE),
                     help="also time each variant with this block part replaced by zeros: its share of the whole "
                          "step is the time saved (MFU of those rows still counts the full model's FLOPs)")
+    ap.add_argument("--compile-mode", default=None, choices=["default", "max-autotune-no-cudagraphs"],
+                    help="torch.compile mode of the compiled variants (compile+cudagraphs is reduce-overhead)")
+    ap.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="torch._inductor.config settings for the compiled variants, e.g. "
+                         "coordinate_descent_tuning=true")
     ap.add_argument("--profile", type=int, default=0, metavar="TOP",
                     help="after timing, profile 2 steps: CUDA kernel time per step by kind (attention backend, "
                          "GEMM, Inductor, other) and the TOP kernels")
@@ -257,7 +278,7 @@ def main() -> None:
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     torch.cuda.set_device(device)
     if world > 1 and {"eager", "compile", "compile+cudagraphs"} & set(a.variants):
-        raise SystemExit("the eager and compile variants are one unsharded GPU; under torchrun pass --variants fsdp ...")
+        raise SystemExit("the eager and compile variants run one unsharded GPU; under torchrun pass --variants fsdp")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.distributed.init_process_group("nccl", device_id=device)
     from torch.distributed.device_mesh import init_device_mesh
@@ -267,13 +288,17 @@ def main() -> None:
     # or Dynamo falls back to eager for the later ones without a word in the timing
     torch._dynamo.config.cache_size_limit = 64
     a.flops = step_flops(a)
+    tags = [f"mode={a.compile_mode}"] if a.compile_mode else []
+    if a.inductor:
+        tags.append(set_inductor(a.inductor))
+    a.tuning = ", ".join(tags)  # in the compiled rows' labels
     results = []
     for variant, pack in [(v, p) for v in a.variants for p in (a.pack_lengths or [None])]:
         for without in [None, *a.without]:
             try:
                 results.append(run_variant(variant, a, mesh, device, without, pack))
             except torch.OutOfMemoryError:
-                results.append({"variant": variant_label(variant, pack, without), "gpus": world,
+                results.append({"variant": variant_label(variant, pack, without, a.tuning), "gpus": world,
                                 "error": "out of memory"})
                 torch.cuda.empty_cache()
             if rank == 0:
