@@ -15,7 +15,8 @@ wins for each of its attention shapes (GPU).
             block for both models so the longest clips fit) of the ISA-DiT and of a plain DiT of the same width
             and depth with full spatio-temporal self-attention over all T·N video tokens (3-axis rotary, adaLN-zero,
             the same MLP), at each clip length; the model FLOPs of both (torch.utils.flop_counter, meta device).
---profile   kernel time of 3 ISA-DiT steps by kind (matmul, attention, the rest), and the top kernels.
+--profile   kernel time of 3 eager ISA-DiT steps by family (bench_dit's: attention backend, GEMM, Inductor, the
+            rest), the time the GPU was busy, and the top kernels.
 --sample    sampling throughput: --sample-steps Euler steps of the network (one evaluation per step, bf16
             autocast, no guidance) on a clip of --sample-frames x --sample-size², then the base VAE's decode
             (random weights, 16-frame chunks); frames per second of video out.
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import torch
 from bench_dit import conditions, network_args, shape_parser
+from bench_dit import kernel_profile as profile_step  # the kernel families and GPU busy time of bench_dit --profile
 from einops import rearrange
 from torch import nn
 
@@ -312,8 +314,6 @@ def length_sweep(a: argparse.Namespace, device: torch.device) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------- profile
 
 def kernel_profile(a: argparse.Namespace, device: torch.device) -> dict:
-    from torch.profiler import ProfilerActivity, profile
-
     from isa4d.diffusion.flow import FlowMatching
     from isa4d.models.dit import ISADiT
 
@@ -334,23 +334,8 @@ def kernel_profile(a: argparse.Namespace, device: torch.device) -> dict:
     for _ in range(2):
         step()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
-    kinds = {"attention": ("flash", "fmha", "attention", "sdpa"),  # first: cuDNN's SDPA kernels say sm90 too
-             "matmul": ("gemm", "nvjet", "xmma", "cutlass", "sm90")}
-    totals, kernels = {"matmul": 0.0, "attention": 0.0, "other": 0.0}, []
-    for ev in prof.key_averages():
-        us = ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
-        if us <= 0 or ev.key.startswith("ProfilerStep"):
-            continue
-        name = ev.key.lower()
-        kind = next((k for k, keys in kinds.items() if any(s in name for s in keys)), "other")
-        totals[kind] += us / 3e3  # ms per step
-        kernels.append((us / 3e3, ev.count // 3, ev.key[:90]))
-    kernels.sort(reverse=True)
-    return {"ms_per_step_by_kind": totals, "top": kernels[:25]}
+    kinds, busy, top = profile_step(step, 3, 25)
+    return {"ms_per_step_by_kind": kinds, "gpu_busy_ms_per_step": busy, "top": top}
 
 
 def sampling(a: argparse.Namespace, device: torch.device) -> dict:
@@ -439,8 +424,8 @@ def main() -> None:
                      for r in result["backends"] if "unpacked_efficient" in r])
     if a.profile:
         result["profile"] = kernel_profile(a, device)
-        print(json.dumps(result["profile"]["ms_per_step_by_kind"]))
-        for ms, n, name in result["profile"]["top"]:
+        print(json.dumps({k: v for k, v in result["profile"].items() if k != "top"}))
+        for name, ms, n in result["profile"]["top"]:
             print(f"{ms:8.2f} ms {n:6d}x {name}")
     if a.lengths:
         result["lengths"] = length_sweep(a, device)
