@@ -42,7 +42,8 @@ import yaml
 from bench_vae import timed  # bench/ is the script's folder, so it is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("eager", "compile", "compile+cudagraphs", "fsdp", "fsdp+compile", "fsdp+selective", "fsdp+full", "fsdp+full+compile")
+VARIANTS = ("eager", "compile", "compile+cudagraphs", "fsdp", "fsdp+compile", "fsdp+selective", "fsdp+full",
+            "fsdp+full+compile")
 
 
 def network_args(preset: str) -> dict:
@@ -167,7 +168,7 @@ def run_variant(variant: str, a: argparse.Namespace, mesh, device: torch.device,
                 pack: int | None = None) -> dict:
     from isa4d.diffusion.flow import FlowMatching
     from isa4d.models.dit import ISADiT, attention
-    from isa4d.parallel import parallelize
+    from isa4d.parallel import ParallelConfig, parallelize
     from isa4d.parallel.fsdp import checkpoint_and_compile
 
     if pack is not None:  # packing of the short temporal attentions (attention.PACK_LENGTH; 0: off)
@@ -180,7 +181,9 @@ def run_variant(variant: str, a: argparse.Namespace, mesh, device: torch.device,
         for block in net.blocks:
             setattr(block, ABLATABLE[without], Absent(pair=without == "isa"))
     cudagraphs = "cudagraphs" in variant
-    options = {"mode": "reduce-overhead" if cudagraphs else a.compile_mode} if cudagraphs or a.compile_mode else None
+    # the trainer's options for parallel.cuda_graphs, else --compile-mode's
+    options = ParallelConfig(compile=True, cuda_graphs=cudagraphs).compile_options or \
+        ({"mode": a.compile_mode} if a.compile_mode else None)
     if variant.startswith("compile"):  # one GPU as the Lightning trainer runs it without FSDP: blocks compiled
         checkpoint_and_compile(net.fsdp_units(), compile=True, compile_options=options)
     elif variant != "eager":

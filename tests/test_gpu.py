@@ -110,6 +110,7 @@ def test_dit_trains_the_same_replayed_as_cuda_graphs():
     from torch.profiler import ProfilerActivity, profile
 
     from isa4d.diffusion.flow import FlowMatching
+    from isa4d.parallel import ParallelConfig
     from isa4d.parallel.fsdp import checkpoint_and_compile
 
     def train(cuda_graphs: bool) -> tuple[list[float], bool]:
@@ -117,8 +118,8 @@ def test_dit_trains_the_same_replayed_as_cuda_graphs():
         torch._dynamo.utils.counters.clear()
         torch.manual_seed(0)
         net = randomize_gates(tiny_net(hidden_size=64, num_heads=4)).cuda()
-        checkpoint_and_compile(net.fsdp_units(), compile=True,
-                               compile_options={"mode": "reduce-overhead"} if cuda_graphs else None)
+        config = ParallelConfig(compile=True, cuda_graphs=cuda_graphs)  # the trainer's compile options
+        checkpoint_and_compile(net.fsdp_units(), compile=True, compile_options=config.compile_options)
         opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
         cond = random_conditions().to("cuda")
         x0 = torch.randn(2, C, 2, 4, 4, device="cuda")
