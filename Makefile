@@ -129,8 +129,8 @@ bench-dit: setup ## ISA-DiT training step by variant (eager, compile, CUDA graph
 	$(PY) bench/bench_dit.py --preset base --size 256 --frames 33 --batch 2 --people 3 --warmup 4 --repeats 6 \
 	  --variants compile+cudagraphs --without isa --profile 16 --record
 
-bench-dit-parts: setup ## ISA-DiT time by block part, attention kernel per shape, cost vs clip length against full attention, sampling frames/s (GPU)
-	$(PY) bench/bench_dit_parts.py --preset base --size 256 --frames 33 --batch 2 --people 3 --parts --backends --profile
+bench-dit-parts: setup ## ISA-DiT time by block part, attention kernel per shape, rotary kernel forms, cost vs clip length against full attention, sampling frames/s (GPU)
+	$(PY) bench/bench_dit_parts.py --preset base --size 256 --frames 33 --batch 2 --people 3 --parts --backends --rotary --profile
 	$(PY) bench/bench_dit_parts.py --preset base --lengths 17 33 49 81 121 --length-size 512 --length-people 1 --repeats 3
 	$(PY) bench/bench_dit_parts.py --preset base --sample --sample-size 512 --sample-frames 33 --sample-steps 25 --length-people 1 --repeats 3
 

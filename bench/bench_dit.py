@@ -16,7 +16,8 @@ Times forward + backward + AdamW of the flow-matching loss on random latents and
     fsdp+full+compile  ... with full activation checkpointing and compile
 
 --compile-mode and --inductor KEY=VALUE tune the compiled variants (A/B of Inductor's settings, one configuration per
-process: Dynamo caches per code object); --without PART times the step with a block part replaced by zeros;
+process: Dynamo caches per code object; max-autotune-no-cudagraphs did not finish compiling the base preset in 9
+minutes on an H100, docs/benchmarks.md); --without PART times the step with a block part replaced by zeros;
 --profile TOP breaks a step's kernel time down by family and reports how much of it the GPU was busy.
 Medians over timed repeats after warm-up (the slowest rank's); video tokens/s counts the latent patches of the clip.
 FLOPs are the model's real ones: every matmul, convolution and attention of one forward + backward, counted by

@@ -2,7 +2,7 @@
 wins for each of its attention shapes (GPU).
 
     python bench/bench_dit_parts.py --preset base --size 256 --frames 33 --batch 2 --people 3 \
-        --parts --backends --lengths 17 33 49 81 121 --length-size 512 --length-people 1 [--profile] [--json F]
+        --parts --backends --lengths 17 33 49 81 121 --length-size 512 --length-people 1 [--profile] [--rotary] [--json F]
 
 --parts     forward + backward of each part of one block at the preset's shapes (bf16 autocast, fp32 weights):
             spatial, temporal, 3D temporal, ISA, camera and reference attention, video and 3D MLPs, and the rest
@@ -15,6 +15,8 @@ wins for each of its attention shapes (GPU).
             block for both models so the longest clips fit) of the ISA-DiT and of a plain DiT of the same width
             and depth with full spatio-temporal self-attention over all T·N video tokens (3-axis rotary, adaLN-zero,
             the same MLP), at each clip length; the model FLOPs of both (torch.utils.flop_counter, meta device).
+--rotary    the 3D temporal attention's QK-norm + rotary kernels compiled, forward + backward: the model's form
+            against another form of the same rotation (`rotary_flip`), the norm alone and a copy of q and k.
 --profile   kernel time of 3 eager ISA-DiT steps by family (bench_dit's: attention backend, GEMM, Inductor, the
             rest), the time the GPU was busy, and the top kernels.
 --sample    sampling throughput: --sample-steps Euler steps of the network (one evaluation per step, bf16
@@ -104,9 +106,57 @@ def block_parts(a: argparse.Namespace, device: torch.device) -> dict[str, float]
         "3D MLP": fwd_bwd(block.point_mlp, [y], cc),
     }
     out = {name: timed(fn, a.repeats) * 1e3 for name, fn in parts.items()}
-    out["block"] = timed(fwd_bwd(lambda u, v, w: block(u, v, w, inputs), [z, y, c], cc), a.repeats) * 1e3
+    zb, yb = (t.detach().bfloat16().requires_grad_() for t in (z, y))  # both streams enter blocks in bf16
+    out["block"] = timed(fwd_bwd(lambda u, v, w: block(u, v, w, inputs), [zb, yb, c], cc), a.repeats) * 1e3
     out["rest (norms, modulation, gates)"] = out["block"] - sum(v for k, v in out.items() if k != "block")
     return out
+
+
+# ---------------------------------------------------------------------------------------------------- rotary
+
+def rotary_flip(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """`apply_rope`'s rotation of pairs (2i, 2i+1) written as x·cos + swap(x)·(-sin, sin), the swap a flip of each
+    pair: the same math as the model's compiled form (unbind the pairs, stack the two products), another kernel."""
+    rot = 2 * angles.shape[-1]
+    pairs = x[..., :rot].float().unflatten(-1, (-1, 2))  # (..., L, Dr/2, 2)
+    sign = torch.tensor([-1.0, 1.0], device=x.device)
+    out = pairs * angles.cos()[..., None] + pairs.flip(-1) * (sign * angles.sin()[..., None])
+    return torch.cat([out.flatten(-2).to(x.dtype), x[..., rot:]], dim=-1)
+
+
+def rotary_table(a: argparse.Namespace, device: torch.device) -> list[dict]:
+    """The 3D temporal attention's QK-norm + rotary, compiled, forward + backward from its qkv projection's output
+    (bf16) at the preset's shape: the model's form, `rotary_flip`, the norm alone, and a copy of q and k (the
+    memory-traffic floor of any form); the same gradients into every variant."""
+    from isa4d.models.dit.attention import apply_rope, grid_positions, rope_frequencies
+
+    cfg = network_args(a.preset)
+    D, H = cfg["hidden_size"], cfg["num_heads"]
+    T, Dh = 1 + (a.frames - 1) // 4, D // H
+    S = a.batch * a.people * cfg.get("num_points", 1024)  # one sequence per body point
+    angles = rope_frequencies(grid_positions(T, device=device), (Dh,))[:, None]  # (T, 1, Dh/2)
+    norms = [nn.RMSNorm(Dh, eps=1e-6).to(device) for _ in range(2)]
+    qkv = torch.randn(S, T, 3 * D, device=device, dtype=torch.bfloat16, requires_grad=True)
+    grads = [torch.randn(S, T, H, Dh, device=device, dtype=torch.bfloat16) for _ in range(3)]
+
+    def variant(rotate, norm: bool = True):
+        def fn(qkv):
+            q, k, v = rearrange(qkv, "s t (three h d) -> three s t h d", three=3, h=H)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                if not norm:
+                    return q * 1.0, k * 1.0, v
+                q, k = norms[0](q).to(v.dtype), norms[1](k).to(v.dtype)
+                return (rotate(q, angles), rotate(k, angles), v) if rotate else (q, k, v)
+        return torch.compile(fn)
+
+    rows = []
+    for name, fn in [("model (apply_rope)", variant(apply_rope)), ("flip (rotary_flip)", variant(rotary_flip)),
+                     ("QK-norm only", variant(None)), ("copy of q, k", variant(None, norm=False))]:
+        def step(fn=fn):
+            qkv.grad = None
+            torch.autograd.backward(fn(qkv), grads)
+        rows.append({"variant": name, "ms": timed(step, a.repeats, warmup=3) * 1e3})
+    return [{**r, "dims": f"{S} x {T} x {H} x {Dh}"} for r in rows]
 
 
 # --------------------------------------------------------------------------------------------------- backends
@@ -384,6 +434,7 @@ def main() -> None:
     ap.add_argument("--parts", action="store_true")
     ap.add_argument("--backends", action="store_true")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--rotary", action="store_true")
     ap.add_argument("--lengths", type=int, nargs="*", default=[])
     ap.add_argument("--length-size", type=int, default=512)
     ap.add_argument("--length-people", type=int, default=1)
@@ -422,6 +473,10 @@ def main() -> None:
                     [[r["shape"], " / ".join(str(r[f"packed{t}_g"]) for t in targets), cell(r, "unpacked_efficient"),
                       *(cell(r, f"packed{t}_{k}") for t in targets for k in ("cudnn", "efficient"))]
                      for r in result["backends"] if "unpacked_efficient" in r])
+    if a.rotary:
+        result["rotary"] = rotary_table(a, device)
+        print_table(["3D temporal QK-norm + rotary, compiled", "S x T x H x Dh", "fwd+bwd (ms)"],
+                    [[r["variant"], r["dims"], f"{r['ms']:.3f}"] for r in result["rotary"]])
     if a.profile:
         result["profile"] = kernel_profile(a, device)
         print(json.dumps({k: v for k, v in result["profile"].items() if k != "top"}))

@@ -3,6 +3,10 @@ conditioning contract (padding, masks, dropout, guidance), adaLN-zero, and a tin
 
 from __future__ import annotations
 
+import importlib
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -114,6 +118,24 @@ def test_rope_traced_for_compile_equals_eager():
     torch.testing.assert_close(traced(x, angles), manual, rtol=0, atol=1e-6)
 
 
+def test_bench_rotary_flip_is_the_models_rotation():
+    """bench_dit_parts --rotary times `rotary_flip` against the model's `apply_rope`: the same rotation (eager and
+    traced for compile), so the bench compares two kernels of one function."""
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    sys.path.insert(0, str(bench))
+    try:
+        rotary_flip = importlib.import_module("bench_dit_parts").rotary_flip
+    finally:
+        sys.path.remove(str(bench))
+    torch.manual_seed(0)
+    angles = rope_frequencies(grid_positions(4, 6), (8, 8))  # rotates 16 of 20 channels
+    x = torch.randn(2, 3, 24, 20)
+    torch.testing.assert_close(rotary_flip(x, angles), apply_rope(x, angles), rtol=0, atol=1e-6)
+    traced = torch.compile(apply_rope, backend="eager", fullgraph=True)
+    torch.testing.assert_close(rotary_flip(x, angles), traced(x, angles), rtol=0, atol=1e-6)
+    assert not torch.allclose(rotary_flip(x, angles), rotary_flip(x, angles.flip(0)))  # positions matter
+
+
 def test_ispe_codes_tokens_and_points_in_one_space():
     """A 3D point at a token's NDC (depth 0) gets exactly that token's code; the code is the sinusoid of the
     coordinates (a reference computed by hand) through the shared linear map."""
@@ -209,6 +231,21 @@ def test_fresh_network_predicts_zero_and_every_block_is_the_identity():
     (z_in, y_in, *_), (z_out, y_out) = captured["io"]
     assert torch.equal(z_in, z_out) and torch.equal(y_in, y_out)
     assert z.shape == (2, 2, 16, 32) and y.shape == (2, 2, 12, 32)
+
+
+def test_both_streams_carry_the_compute_dtype_under_autocast():
+    """Under bf16 autocast (the single-GPU trainer) the video and the 3D token streams enter every block in bf16,
+    with or without the reference texture (grid_sample returns fp32 there), as they do under FSDP's bf16 params."""
+    for ref_points in (True, False):
+        net = tiny_net(ref_points=ref_points)
+        seen = []
+        hooks = [b.register_forward_pre_hook(lambda m, args: seen.append((args[0].dtype, args[1].dtype)))
+                 for b in net.blocks]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            net(torch.randn(2, C, 2, 4, 4), torch.rand(2), random_conditions())
+        for h in hooks:
+            h.remove()
+        assert seen == [(torch.bfloat16, torch.bfloat16)] * len(net.blocks), (ref_points, seen)
 
 
 def test_output_shape_gradients_and_batch_independence():

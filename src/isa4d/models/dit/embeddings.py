@@ -96,11 +96,12 @@ class PointEmbedder(nn.Module):
         x = rearrange(world / self.world_extent, "b p t f v c -> b p t v (f c)")
         code = sinusoidal_embedding(x, self.num_freqs, include_input=True, base_scale=math.pi / 2)
         tokens = self.mlp(code.to(self.mlp[0].weight.dtype))  # (B, P, T, V, D)
-        tokens = tokens + self.person.weight[:P, None, None, :]
+        # the embeddings in the MLP's output dtype: under autocast the fp32 tables would promote the 3D stream
+        tokens = tokens + self.person.weight[:P, None, None, :].to(tokens.dtype)
         if self.point is not None:
             if V != self.point.num_embeddings:
                 raise ValueError(f"{V} body points but the network was built for num_points={self.point.num_embeddings}")
-            tokens = tokens + self.point.weight
+            tokens = tokens + self.point.weight.to(tokens.dtype)
         return tokens  # (B, P, T, V, D)
 
 

@@ -121,7 +121,9 @@ class ISADiT(nn.Module):
             sampled = F.grid_sample(feats, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
             keep = cond.ref_points_valid & ~drop["ref"][:, None, None]  # (B, P, V)
             sampled = rearrange(sampled, "b d p v -> b p v d") * keep[..., None].to(feats.dtype)
-            y = y + sampled[:, :, None]  # the reference texture follows its point through time
+            # the reference texture follows its point through time; grid_sample runs in fp32 under autocast, and
+            # its sum must not promote the 3D stream (12x the video tokens at 256²) to an fp32 residual
+            y = y + sampled[:, :, None].to(y.dtype)
         mask = cond.points_valid & ~drop["pose"][:, None, None, None]  # (B, P, T, V)
         return rearrange(y, "b p t v d -> b t (p v) d"), rearrange(mask, "b p t v -> b t (p v)")
 
