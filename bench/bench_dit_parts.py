@@ -32,6 +32,7 @@ import json
 import statistics
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from bench_dit import conditions, network_args, shape_parser
@@ -71,19 +72,38 @@ def fwd_bwd(module_fn, inputs: list[torch.Tensor], compile: bool = False):
 
 # ------------------------------------------------------------------------------------------------------ parts
 
+class BlockDims(NamedTuple):
+    """The preset's block width and the token counts of one step at the bench's clip shape."""
+
+    cfg: dict  # the preset's network arguments
+    D: int  # hidden size
+    H: int  # heads
+    Dh: int  # head size
+    B: int  # clips
+    T: int  # latent frames
+    gh: int  # video tokens per latent frame along each side (square clips)
+    N: int  # video tokens per latent frame
+    M: int  # 3D tokens per latent frame (people x points)
+    C: int  # ISPE sinusoid channels
+
+
+def block_dims(a: argparse.Namespace) -> BlockDims:
+    cfg = network_args(a.preset)
+    D, H = cfg["hidden_size"], cfg["num_heads"]
+    gh = a.size // 8 // cfg.get("patch_size", 2)
+    return BlockDims(cfg, D, H, D // H, a.batch, 1 + (a.frames - 1) // 4, gh, gh * gh,
+                     a.people * cfg.get("num_points", 1024), 6 * cfg.get("ispe_freqs", 8))
+
+
 def block_parts(a: argparse.Namespace, device: torch.device) -> dict[str, float]:
     from isa4d.models.dit.attention import grid_positions, rope_frequencies
     from isa4d.models.dit.blocks import BlockInputs, ISADiTBlock
 
-    cfg = network_args(a.preset)
-    D, H = cfg["hidden_size"], cfg["num_heads"]
-    B, T = a.batch, 1 + (a.frames - 1) // 4
-    gh = gw = a.size // 8 // cfg.get("patch_size", 2)
-    N, M, Dh, C = gh * gw, a.people * cfg.get("num_points", 1024), D // H, 6 * cfg.get("ispe_freqs", 8)
+    cfg, D, H, Dh, B, T, gh, N, M, C = block_dims(a)
     block = ISADiTBlock(D, H, cfg.get("mlp_ratio", 4.0)).to(device)
     r = lambda *s: torch.randn(*s, device=device, requires_grad=True)  # noqa: E731
     inputs = BlockInputs(
-        spatial_rope=rope_frequencies(grid_positions(gh, gw, device=device), (Dh // 2, Dh // 2)),
+        spatial_rope=rope_frequencies(grid_positions(gh, gh, device=device), (Dh // 2, Dh // 2)),
         temporal_rope=rope_frequencies(grid_positions(T, device=device), (Dh,)),
         z_code=torch.randn(N, C, device=device), y_code=torch.randn(B, T, M, C, device=device),
         y_mask=torch.rand(B, T, M, device=device) > 0.1, camera=r(B, T, N, D), ref=r(B, N, D))
@@ -130,10 +150,9 @@ def rotary_table(a: argparse.Namespace, device: torch.device) -> list[dict]:
     memory-traffic floor of any form); the same gradients into every variant."""
     from isa4d.models.dit.attention import apply_rope, grid_positions, rope_frequencies
 
-    cfg = network_args(a.preset)
-    D, H = cfg["hidden_size"], cfg["num_heads"]
-    T, Dh = 1 + (a.frames - 1) // 4, D // H
-    S = a.batch * a.people * cfg.get("num_points", 1024)  # one sequence per body point
+    d = block_dims(a)
+    D, H, T, Dh = d.D, d.H, d.T, d.Dh
+    S = d.B * d.M  # one sequence per body point
     angles = rope_frequencies(grid_positions(T, device=device), (Dh,))[:, None]  # (T, 1, Dh/2)
     norms = [nn.RMSNorm(Dh, eps=1e-6).to(device) for _ in range(2)]
     qkv = torch.randn(S, T, 3 * D, device=device, dtype=torch.bfloat16, requires_grad=True)
@@ -182,12 +201,7 @@ def backend_table(a: argparse.Namespace, device: torch.device) -> list[dict]:
 
     from isa4d.models.dit.attention import SHORT_SEQUENCE, block_diagonal_mask, pack_group
 
-    cfg = network_args(a.preset)
-    D, H = cfg["hidden_size"], cfg["num_heads"]
-    B, T = a.batch, 1 + (a.frames - 1) // 4
-    N = (a.size // 8 // cfg.get("patch_size", 2)) ** 2
-    M = a.people * cfg.get("num_points", 1024)
-    Dh = D // H
+    _, D, H, Dh, B, T, _, N, M, _ = block_dims(a)
     shapes = {  # name: (batch, q length, k length, masked)
         "spatial": (B * T, N, N, False), "temporal": (B * N, T, T, False), "3D temporal": (B * M, T, T, False),
         "ISA video<-3D (masked)": (B * T, N, M + 1, True), "ISA 3D<-video": (B * T, M, N, False),
