@@ -100,7 +100,7 @@ def block_parts(a: argparse.Namespace, device: torch.device) -> dict[str, float]
     from isa4d.models.dit.blocks import BlockInputs, ISADiTBlock
 
     cfg, D, H, Dh, B, T, gh, N, M, C = block_dims(a)
-    block = ISADiTBlock(D, H, cfg.get("mlp_ratio", 4.0)).to(device)
+    block = ISADiTBlock(D, H, cfg.get("mlp_ratio", 4.0), ispe_freqs=C // 6).to(device)
     r = lambda *s: torch.randn(*s, device=device, requires_grad=True)  # noqa: E731
     inputs = BlockInputs(
         spatial_rope=rope_frequencies(grid_positions(gh, gh, device=device), (Dh // 2, Dh // 2)),
