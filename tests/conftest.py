@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import random
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -173,3 +176,13 @@ def toy_world_batch(split: str, height: int, width: int, num_frames: int, batch_
                          pin_memory=False)
     dm.setup("validate")
     return next(iter(dm.val_dataloader())).normalize()
+
+
+def import_script(folder: Path, module: str) -> ModuleType:
+    """Import `module` from a folder that is not a package (bench/, the assets' generator scripts), leaving
+    sys.path as it was."""
+    sys.path.insert(0, str(folder))
+    try:
+        return importlib.import_module(module)
+    finally:
+        sys.path.remove(str(folder))

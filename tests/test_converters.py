@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from scipy.spatial.transform import Rotation
 
+from conftest import import_script
 from data_prep import convert_easymocap, convert_phalp
 from data_prep.converters_common import (PickleFormatError, load_pickle, rotmat_to_axis_angle, runs, split_run)
 from isa4d.geometry.camera import look_at
@@ -214,12 +215,7 @@ def test_phalp_multi(phalp_case, body, tmp_path, capsys):
 
 def test_phalp_reads_joblib_files():
     """PHALP saves with joblib.dump(..., compress=3); the asset was written by joblib itself."""
-    sys.path.insert(0, str(ASSETS))
-    try:
-        from make_joblib_fixture import expected
-    finally:
-        sys.path.remove(str(ASSETS))
-    want = expected()
+    want = import_script(ASSETS, "make_joblib_fixture").expected()
     for name in ("phalp_like.joblib", "phalp_like.joblib.z"):
         got = load_pickle(ASSETS / name)
         np.testing.assert_array_equal(got["fortran"], want["fortran"])

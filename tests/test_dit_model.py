@@ -3,13 +3,12 @@ conditioning contract (padding, masks, dropout, guidance), adaLN-zero, and a tin
 
 from __future__ import annotations
 
-import importlib
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import import_script
 from isa4d.diffusion.flow import FlowMatching
 from isa4d.diffusion.sampling import condition_guidance, euler_sample
 from isa4d.diffusion.schedules import sampling_timesteps
@@ -121,12 +120,7 @@ def test_rope_traced_for_compile_equals_eager():
 def test_bench_rotary_flip_is_the_models_rotation():
     """bench_dit_parts --rotary times `rotary_flip` against the model's `apply_rope`: the same rotation (eager and
     traced for compile), so the bench compares two kernels of one function."""
-    bench = Path(__file__).resolve().parents[1] / "bench"
-    sys.path.insert(0, str(bench))
-    try:
-        rotary_flip = importlib.import_module("bench_dit_parts").rotary_flip
-    finally:
-        sys.path.remove(str(bench))
+    rotary_flip = import_script(Path(__file__).resolve().parents[1] / "bench", "bench_dit_parts").rotary_flip
     torch.manual_seed(0)
     angles = rope_frequencies(grid_positions(4, 6), (8, 8))  # rotates 16 of 20 channels
     x = torch.randn(2, 3, 24, 20)

