@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from isa4d.metrics.reconstruction import VideoLPIPS, VideoPSNR, VideoSSIM, psnr_per_frame, ssim_per_frame
+from isa4d.metrics.reconstruction import (VideoLPIPS, VideoPSNR, VideoSSIM, lowpass_baseline, psnr_per_frame,
+                                         ssim_per_frame)
 from isa4d.models.vae.lpips import LPIPSWeightsMissing, _vgg_features
 
 
@@ -92,3 +93,52 @@ def test_lpips_metric_with_weight_files(tmp_path):
     metric.reset()
     metric.update(preds, target)
     assert metric.compute().item() > 0
+
+
+def _cubic_weights(s: float, a: float = -0.75) -> np.ndarray:
+    """Keys' cubic convolution weights of the 4 taps around fractional offset s (PyTorch's bicubic uses a = -0.75)."""
+    def k(x):
+        x = abs(x)
+        if x <= 1:
+            return (a + 2) * x**3 - (a + 3) * x**2 + 1
+        if x < 2:
+            return a * x**3 - 5 * a * x**2 + 8 * a * x - 4 * a
+        return 0.0
+    return np.array([k(s + 1), k(s), k(1 - s), k(2 - s)])
+
+
+def _bicubic_up_numpy(img: np.ndarray, f: int) -> np.ndarray:
+    """Separable bicubic upscaling by f, half-pixel centres, edge samples replicated: a loop written from the kernel."""
+    def up_axis(a: np.ndarray) -> np.ndarray:
+        n = a.shape[0]
+        out = np.zeros((n * f,) + a.shape[1:])
+        for i in range(n * f):
+            src = (i + 0.5) / f - 0.5
+            i0 = int(np.floor(src))
+            w = _cubic_weights(src - i0)
+            for tap, wt in zip(range(i0 - 1, i0 + 3), w):
+                out[i] += wt * a[min(max(tap, 0), n - 1)]
+        return out
+    return up_axis(up_axis(img).T).T
+
+
+def test_lowpass_baseline_against_hand_computation():
+    rng = np.random.default_rng(3)
+    video = rng.uniform(-0.9, 0.9, size=(1, 3, 2, 24, 32))  # (B, C, T, H, W)
+    got = lowpass_baseline(torch.tensor(video, dtype=torch.float64), 8).numpy()
+    for c in range(3):
+        for t in range(2):
+            img = video[0, c, t]
+            means = img.reshape(3, 8, 4, 8).mean(axis=(1, 3))  # area downscale by hand: block means
+            want = np.clip(_bicubic_up_numpy(means, 8), -1, 1)
+            np.testing.assert_allclose(got[0, c, t], want, atol=1e-6)  # torch's taps are float32
+
+
+def test_lowpass_baseline_keeps_smooth_frames_and_loses_detail():
+    y, x = torch.meshgrid(torch.linspace(-0.5, 0.5, 64), torch.linspace(-0.5, 0.5, 64), indexing="ij")
+    smooth = (0.5 * torch.sin(2 * torch.pi * x) * torch.cos(torch.pi * y)).expand(1, 3, 3, 64, 64)
+    fine = (0.5 * torch.tensor([1.0, 1.0, -1.0, -1.0]).repeat(16)).expand(1, 3, 3, 64, 64)  # period 4 px
+    assert psnr_per_frame(lowpass_baseline(smooth, 8), smooth).min() > 35  # (b, t, c, h, w) layout works too
+    assert lowpass_baseline(fine, 8).abs().max() < 1e-6  # stripes of period 4 px average out in 8 px blocks
+    with pytest.raises(ValueError, match="divide by the low-pass factor 8"):
+        lowpass_baseline(torch.zeros(1, 3, 1, 60, 64))

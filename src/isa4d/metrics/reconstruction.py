@@ -129,3 +129,19 @@ class VideoLPIPS(_FrameMean, NetworkMetric):
         x, y = _frames(preds, target)
         with torch.autocast(x.device.type, enabled=False):
             return self.lpips(x, y).view(preds.shape[:2])
+
+
+def lowpass_baseline(video: torch.Tensor, factor: int = 8) -> torch.Tensor:
+    """The trivial codec a VAE must beat: each frame area-downscaled by `factor`, then bicubic-upscaled back.
+
+    video (B, C, T, H, W) or (B, T, C, H, W) in [-1, 1] (only the last two axes are resized; H and W must divide by
+    `factor`). At x8 it keeps 3 numbers per 8 x 8 pixels of each frame, fewer than a 4x8x8x16 latent's 4 per frame,
+    and compresses nothing in time. Returned clamped to [-1, 1], in `video`'s layout.
+    """
+    *lead, h, w = video.shape
+    if h % factor or w % factor:
+        raise ValueError(f"frame size {h}x{w} must divide by the low-pass factor {factor}")
+    frames = video.reshape(-1, 1, h, w).float()  # every channel of every frame as its own image
+    small = F.avg_pool2d(frames, factor)  # area downscale: the mean of each factor x factor block
+    up = F.interpolate(small, scale_factor=factor, mode="bicubic", align_corners=False)
+    return up.clamp(-1, 1).reshape(*lead, h, w).to(video.dtype)

@@ -18,6 +18,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torchmetrics import MeanMetric
 
 from isa4d.data.batch import Batch
+from isa4d.metrics.reconstruction import VideoPSNR, lowpass_baseline
 from isa4d.models.vae import CausalVideoVAE, latent_moments, stats_from_moments
 from isa4d.models.vae.discriminators import PatchDiscriminator2D, PatchDiscriminator3D
 from isa4d.models.vae.losses import adaptive_gan_weight, hinge_d_loss, hinge_g_loss
@@ -87,6 +88,8 @@ class VAEModule(L.LightningModule):
         self.automatic_optimization = False
         self._stats: list[torch.Tensor] = []
         self._l1 = MeanMetric()  # validation L1, weighted by clips and gathered over ranks
+        # PSNR of the x8 low-pass codec (area down, bicubic up) on the same clips: a working VAE beats it early
+        self._psnr_lowpass = VideoPSNR()
 
     # ------------------------------------------------------------------------------------------------ losses
 
@@ -163,6 +166,9 @@ class VAEModule(L.LightningModule):
         if batch.stats.get("padding"):  # run for FSDP's lockstep across ranks, counted nowhere
             return
         self._l1.update((recon - x).abs().mean(), weight=len(batch))
+        if x.shape[-1] % 8 == 0 and x.shape[-2] % 8 == 0:
+            frames = rearrange(x, "b c t h w -> b t c h w")
+            self._psnr_lowpass.update(lowpass_baseline(frames, 8), frames)
         self.evaluation.update(batch, rearrange(recon, "b c t h w -> b t c h w"))
         if batch_idx == 0 and self.video_log_count > 0 and self.trainer.is_global_zero:
             self._log_reconstructions(x[: self.video_log_count], recon[: self.video_log_count], stage)
@@ -182,7 +188,10 @@ class VAEModule(L.LightningModule):
         """The metrics of the pass (FVD as `rfvd`: of reconstructions), and the per-channel latent mean/std over it
         (summed over ranks) -> the VAE's buffers (when validating during training)."""
         metrics = {"l1": self._l1.compute(), **self.evaluation.compute()}  # both gathered over ranks
+        if self._psnr_lowpass.num_frames > 0 or self.trainer.world_size > 1:
+            metrics["psnr_lowpass"] = self._psnr_lowpass.compute()
         self._l1.reset()
+        self._psnr_lowpass.reset()
         self.evaluation.reset()
         self.log_dict({f"{stage}/r{k}" if k.startswith("fvd") else f"{stage}/{k}": v for k, v in metrics.items()})
         moments = torch.stack(self._stats).sum(0) if self._stats else \
