@@ -60,10 +60,10 @@ def cache(tmp_path_factory, tiny_vae_checkpoint) -> tuple[str, dict]:
     return str(out.parent / "train-*.tar"), summary
 
 
-def tiny_module(vae_path, body_dir) -> DiTModule:
+def tiny_module(vae_path, body_dir, pose: str = "points") -> DiTModule:
     torch.manual_seed(0)
     net = ISADiT(latent_channels=16, hidden_size=64, depth=2, num_heads=4, patch_size=1, mlp_ratio=2.0,
-                 num_points=32, point_freqs=4, ispe_freqs=4)
+                 num_points=32, point_freqs=4, ispe_freqs=4, pose=pose)
     return DiTModule(net, vae_checkpoint=str(vae_path), body_model_dir=str(body_dir))
 
 
@@ -99,9 +99,11 @@ def test_writer_caches_each_clip_once_per_pass_and_inspect_accepts_the_shards(ca
 
 
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
-def test_cached_training_step_equals_the_on_the_fly_step(cache, tiny_vae_checkpoint, toy_body_dir):
+@pytest.mark.parametrize("pose", ["points", "maps"])
+def test_cached_training_step_equals_the_on_the_fly_step(cache, tiny_vae_checkpoint, toy_body_dir, pose):
     """The key property: for a float32 cache, a training step on cached latents is the step on the videos of the
-    same windows, posterior sample and flow-matching noise included (same seed)."""
+    same windows, posterior sample and flow-matching noise included (same seed); for the 2D-map baseline too, whose
+    maps are rendered from the bodies and cameras both kinds of batch carry."""
     urls, _ = cache
     video, cached = first_batch(TOY_TRAIN), first_batch(urls)  # pass 0 comes first: the same centred windows
     assert cached.video is None and cached.key == [f"{k}_p0" for k in video.key]
@@ -113,7 +115,7 @@ def test_cached_training_step_equals_the_on_the_fly_step(cache, tiny_vae_checkpo
         torch.testing.assert_close(getattr(cached.smpl, field), getattr(video.smpl, field))
         torch.testing.assert_close(getattr(cached.ref_smpl, field), getattr(video.ref_smpl, field))
 
-    module = tiny_module(tiny_vae_checkpoint, toy_body_dir).train()
+    module = tiny_module(tiny_vae_checkpoint, toy_body_dir, pose).train()
     assert module.latent_sample  # a posterior sample, not the mean: the cache must keep the moments
 
     def step(batch, seed):
@@ -131,6 +133,7 @@ def test_cached_training_step_equals_the_on_the_fly_step(cache, tiny_vae_checkpo
         if isinstance(value, torch.Tensor):
             torch.testing.assert_close(getattr(cond_cached, name), value, rtol=1e-5, atol=1e-5, msg=name)
     assert cond.background is not None and cond.ref_latent.abs().sum() > 0
+    assert (cond.body_maps is not None and cond.body_maps.abs().sum() > 0) == (pose == "maps")
 
 
 def test_cached_stream_resumes_with_the_same_batches(cache):

@@ -10,7 +10,7 @@ import torch
 
 from isa4d.diffusion.sampling import euler_sample, heun_sample
 from isa4d.diffusion.schedules import sampling_timesteps
-from isa4d.diffusion.windows import (RAMPS, TIME_AXES, blend_weights, slice_conditions, sliding_window,
+from isa4d.diffusion.windows import (RAMPS, blend_weights, sliding_window,
                                      window_starts)
 from isa4d.models.dit import DiTConditions, ISADiT
 
@@ -242,7 +242,7 @@ def test_sliding_window_errors():
 @pytest.mark.parametrize("background", [True, False])
 def test_slice_conditions_matches_manual_slicing(background):
     cond = random_conditions(background=background)
-    part = slice_conditions(cond, 2, 5)
+    part = cond.slice(2, 5)
     assert torch.equal(part.points_world, cond.points_world[:, :, 2:5])
     assert torch.equal(part.points_ndc, cond.points_ndc[:, :, 2:5])
     assert torch.equal(part.points_valid, cond.points_valid[:, :, 2:5])
@@ -253,27 +253,32 @@ def test_slice_conditions_matches_manual_slicing(background):
         assert part.background is None
     for name in ("person_mask", "ref_latent", "ref_points_ndc", "ref_points_valid", "ref_features"):
         assert getattr(part, name) is getattr(cond, name)
-    assert torch.equal(slice_conditions(cond, 0, 7).plucker, cond.plucker)
-    assert slice_conditions(cond, 6, 7).points_world.shape[2] == 1
+    assert torch.equal(cond.slice(0, 7).plucker, cond.plucker)
+    assert cond.slice(6, 7).points_world.shape[2] == 1
 
 
-def test_time_axes_name_every_field_with_a_latent_time_axis():
-    """A field added to DiTConditions must be classified here: per latent frame (sliced) or per clip (kept)."""
-    per_clip = {"person_mask", "ref_latent", "ref_points_ndc", "ref_points_valid", "ref_features"}
-    assert {f.name for f in dataclasses.fields(DiTConditions)} == set(TIME_AXES) | per_clip
+def test_every_field_declares_its_time_axis():
+    """Each field's declared latent-time axis holds T, and slicing keeps exactly the fields without one whole."""
     T = 7
     cond = random_conditions(T=T)
-    for name, axis in TIME_AXES.items():
-        assert getattr(cond, name).shape[axis] == T, name
+    part = cond.slice(1, 3)
+    for name, meta in DiTConditions.spec().items():
+        value = getattr(cond, name)
+        if value is None:
+            continue
+        if meta.time_axis is None:
+            assert getattr(part, name) is value, name
+        else:
+            assert value.shape[meta.time_axis] == T and getattr(part, name).shape[meta.time_axis] == 2, name
 
 
 def test_slice_conditions_errors():
     cond = random_conditions(T=7)
     for start, stop in [(3, 3), (5, 2), (-1, 3), (0, 8)]:
         with pytest.raises(ValueError, match="not a non-empty range"):
-            slice_conditions(cond, start, stop)
+            cond.slice(start, stop)
     with pytest.raises(ValueError, match="plucker has 6 latent frames"):
-        slice_conditions(dataclasses.replace(cond, plucker=cond.plucker[:, :6]), 0, 3)
+        dataclasses.replace(cond, plucker=cond.plucker[:, :6]).slice(0, 3)
 
 
 def test_isadit_through_windows():
@@ -294,7 +299,7 @@ def test_isadit_through_windows():
     x, t = torch.randn(2, C, T, 4, 4), torch.rand(2)
 
     def net_window(x, t, start, stop):
-        return net(x, t, cond=slice_conditions(cond, start, stop))
+        return net(x, t, cond=cond.slice(start, stop))
 
     with torch.no_grad():
         assert torch.equal(sliding_window(net_window, T, 8, 2)(x, t), net(x, t, cond=cond))

@@ -6,12 +6,13 @@ the velocities are averaged frame by frame with weights that ramp across each ov
 the same x_t, so the blend is one velocity field on the long latent and the ODE stays a single trajectory; as the
 weights move smoothly from one window to the next there is no seam (MultiDiffusion, Bar-Tal et al. 2023, on the
 time axis; Gen-L-Video, Wang et al. 2023, blends video windows the same way). `sliding_window` returns a drop-in
-`net_fn(x, t)` for `euler_sample`/`heun_sample`; `slice_conditions` gives each window its part of `DiTConditions`:
+`net_fn(x, t)` for `euler_sample`/`heun_sample`. The network's conditions give each window its part themselves
+(any object with `slice(start, stop)` over latent frames, `TimeSliceable`; ISA-DiT's `DiTConditions` is one):
 
-    cond = ...  # DiTConditions of the whole video: PoseConditioner on all 1 + 4·(T − 1) video frames
+    cond = ...  # the conditions of the whole video: PoseConditioner on all 1 + 4·(T − 1) video frames
 
     def net_window(x, t, start, stop):
-        return condition_guidance(net, scales, cond=slice_conditions(cond, start, stop))(x, t)
+        return condition_guidance(net, scales, cond=cond.slice(start, stop))(x, t)
 
     x0 = euler_sample(sliding_window(net_window, T, window=13, overlap=4), noise, timesteps)
 
@@ -54,21 +55,18 @@ and identity is already carried to every window by the reference-image tokens.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 
-from isa4d.models.dit.conditions import DiTConditions
-
 RAMPS = ("linear", "cosine")
 
-# The latent-time axis of every DiTConditions field that has one; the other fields (person mask, reference) are per
-# clip and every window keeps them whole.
-TIME_AXES = {"points_world": 2, "points_ndc": 2, "points_valid": 2, "plucker": 1, "background": 2}
 
-NetWindow = Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]
+class TimeSliceable(Protocol):
+    """Conditions that cut themselves to latent frames [start, stop) (per-clip parts kept whole)."""
+
+    def slice(self, start: int, stop: int) -> "TimeSliceable": ...
 
 
 def window_starts(length: int, window: int, overlap: int) -> list[int]:
@@ -136,7 +134,7 @@ def sliding_window(net_window: NetWindow, length: int, window: int, overlap: int
 
     `net_window(x_window, t, start, stop)` predicts the velocity of latent frames [start, stop) from
     x_window = x[:, :, start:stop] and t (B,); it closes over whatever conditions the network needs and slices
-    them with `slice_conditions`. The windows come from `window_starts(length, window, overlap)`. The returned
+    them with their `slice` (`TimeSliceable`). The windows come from `window_starts(length, window, overlap)`. The returned
     net_fn maps x (B, C, length, h, w) to Σ_k w_k·v_k / Σ_k w_k with the `blend_weights`. It accumulates in at
     least float32 and returns the velocities' dtype.
 
@@ -166,20 +164,3 @@ def sliding_window(net_window: NetWindow, length: int, window: int, overlap: int
 
     return net_fn
 
-
-def slice_conditions(cond: DiTConditions, start: int, stop: int) -> DiTConditions:
-    """The conditions of latent frames [start, stop) as a new DiTConditions of views, not copies.
-
-    Every field with a latent-time axis (`TIME_AXES`) is sliced; the per-clip fields, the person mask and the
-    reference image with its points and features, are kept whole.
-    """
-    T = cond.points_world.shape[TIME_AXES["points_world"]]
-    for name, axis in TIME_AXES.items():
-        value = getattr(cond, name)
-        if value is not None and value.shape[axis] != T:
-            raise ValueError(f"{name} has {value.shape[axis]} latent frames on axis {axis}, points_world {T}")
-    if not 0 <= start < stop <= T:
-        raise ValueError(f"latent frames [{start}, {stop}) are not a non-empty range of [0, {T})")
-    return dataclasses.replace(cond, **{name: None if (value := getattr(cond, name)) is None
-                                        else value.narrow(axis, start, stop - start)
-                                        for name, axis in TIME_AXES.items()})

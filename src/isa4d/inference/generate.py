@@ -21,7 +21,7 @@ from torch import nn
 from isa4d.data.batch import Batch
 from isa4d.diffusion.sampling import SAMPLERS, condition_guidance
 from isa4d.diffusion.schedules import sampling_timesteps
-from isa4d.diffusion.windows import sliding_window, slice_conditions, window_starts
+from isa4d.diffusion.windows import sliding_window, window_starts
 from isa4d.geometry.ndc import points_to_ndc
 from isa4d.models.dit import DiTConditions
 
@@ -75,7 +75,7 @@ def sample_latent(network: nn.Module, cond: DiTConditions, noise: torch.Tensor, 
     window = T if window is None else min(window, T)
 
     def net_window(x: torch.Tensor, t: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        v = condition_guidance(network, guidance, cond=slice_conditions(cond, start, stop))(x, t)
+        v = condition_guidance(network, guidance, cond=cond.slice(start, stop))(x, t)
         if on_call is not None:
             on_call()
         return v

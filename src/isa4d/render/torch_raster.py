@@ -187,8 +187,9 @@ class TorchRenderer:
         return RenderOutput(rgb=None, depth=depth.reshape(H, W), instance=instance.reshape(H, W),
                             part=part.reshape(H, W), normal=None)
 
-    def _rasterise(self, q: torch.Tensor, key: torch.Tensor) -> None:
-        """Draw faces q (F, 3, 3) (K @ camera corners, in draw order) into the key buffer (H*W,) by amin."""
+    def _rasterise(self, q: torch.Tensor, key: torch.Tensor, base: torch.Tensor | None = None) -> None:
+        """Draw faces q (F, 3, 3) (K @ camera corners, in draw order) into the key buffer (H*W,) by amin.
+        `base` (F,) int64: each face's offset into a key buffer of several images (N*H*W,), one per frame."""
         H, W, near, far = self.height, self.width, self.near, self.far
         z = q[..., 2]                                                               # (F, 3)
         # 1. cull faces behind the near plane or beyond the far one; set up the rest, snapped where exact
@@ -225,7 +226,10 @@ class TorchRenderer:
             inv_z = t[:, 14] * du + t[:, 15] * dv + t[:, 16]                         # (N,) 1/z
             inside &= (inv_z <= 1.0 / near) & (inv_z >= 1.0 / far)
             depth = (1.0 / inv_z[inside]).float().view(torch.int32).long()
-            key.scatter_reduce_(0, py[inside] * W + px[inside], (depth << 32) | face[i[inside]], reduce="amin")
+            pixel = py[inside] * W + px[inside]
+            if base is not None:
+                pixel = pixel + base[face[i[inside]]]
+            key.scatter_reduce_(0, pixel, (depth << 32) | face[i[inside]], reduce="amin")
 
 
 _warned_fallback = False

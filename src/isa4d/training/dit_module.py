@@ -105,6 +105,10 @@ class DiTModule(L.LightningModule):
         if network.frames_per_latent != self.vae.temporal_factor:
             raise ValueError(f"the DiT's frames_per_latent ({network.frames_per_latent}) must equal the VAE's "
                              f"temporal factor ({self.vae.temporal_factor})")
+        if network.pose == "maps" and network.spatial_factor != self.vae.spatial_factor:
+            raise ValueError(f"the DiT's spatial_factor ({network.spatial_factor}) must equal the VAE's "
+                             f"({self.vae.spatial_factor}): its body maps are patchified with the video tokens' "
+                             f"pixel footprint")
         self.vae_checkpoint = vae_checkpoint
         # of the weights as loaded (configure_model may cast the VAE to bf16 later): what cached latents must match
         self.vae_fingerprint = vae_fingerprint(self.vae)
@@ -112,7 +116,7 @@ class DiTModule(L.LightningModule):
         self.network = network
         self.conditioner = PoseConditioner(body_model_dir, network.num_points, surface_seed, min_points_per_part,
                                            self.vae.temporal_factor, self.vae.spatial_factor, network.patch_size,
-                                           position_frame=position_frame)
+                                           position_frame=position_frame, body_maps=network.pose == "maps")
         self.image_encoder = image_encoder
         self.objective = objective or FlowMatching()
         self.optimizer_fn, self.warmup_steps, self.gradient_clip = optimizer, warmup_steps, gradient_clip
@@ -184,7 +188,7 @@ class DiTModule(L.LightningModule):
         x0 = self._latent(self._posterior(batch, "video"))
         cond, points = self.conditions(batch)
         if self.pad_people:
-            cond = cond.pad_people(self.network.point_embedder.max_people)
+            cond = cond.pad_people(self.network.max_people)
         return x0, cond, points
 
     @torch.no_grad()

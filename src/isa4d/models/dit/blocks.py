@@ -44,8 +44,8 @@ class BlockInputs:
     spatial_rope: torch.Tensor  # (N, head_dim / 2) rotary angles of the token grid
     temporal_rope: torch.Tensor  # (T, head_dim / 2) rotary angles of the latent frames
     z_code: torch.Tensor  # (N, C) ISPE sinusoids of the video tokens' NDC (z = 0), fp32
-    y_code: torch.Tensor  # (B, T, M, C) ISPE sinusoids of the 3D tokens' NDC, fp32
-    y_mask: torch.Tensor  # (B, T, M) bool, real and visible 3D tokens (and pose not dropped)
+    y_code: torch.Tensor | None  # (B, T, M, C) ISPE sinusoids of the 3D tokens' NDC, fp32 (None: no 3D stream)
+    y_mask: torch.Tensor | None  # (B, T, M) bool, real and visible 3D tokens (and pose not dropped)
     camera: torch.Tensor | None  # (B, T, N, D) Plücker tokens
     ref: torch.Tensor | None  # (B, R, D) reference tokens
 
@@ -55,20 +55,22 @@ class ISADiTBlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = True,
                  use_ispe: bool = True, ispe_freqs: int = 8, camera: bool = True, ref: bool = True,
-                 update_points: bool = True):
+                 update_points: bool = True, points: bool = True):
         super().__init__()
-        self.update_points = update_points
-        self.video_sublayers = tuple(s for s in VIDEO_SUBLAYERS if (s != "camera" or camera) and (s != "ref" or ref))
-        self.point_sublayers = POINT_SUBLAYERS if update_points else ("temporal",)
+        self.points, self.update_points = points, update_points and points
+        present = {"camera": camera, "ref": ref, "isa": points}
+        self.video_sublayers = tuple(s for s in VIDEO_SUBLAYERS if present.get(s, True))
+        self.point_sublayers = () if not points else POINT_SUBLAYERS if update_points else ("temporal",)
         norm = lambda: nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)  # noqa: E731
         self.norms = nn.ModuleDict({f"video_{s}": norm() for s in self.video_sublayers})
         self.norms.update({f"point_{s}": norm() for s in self.point_sublayers})
         self.spatial_attn = SelfAttention(dim, num_heads, qk_norm)
         self.temporal_attn = SelfAttention(dim, num_heads, qk_norm)
-        self.point_temporal_attn = SelfAttention(dim, num_heads, qk_norm)
-        self.isa = InterspatialAttention(dim, num_heads, use_ispe, ispe_freqs, qk_norm, update_points)
+        self.point_temporal_attn = SelfAttention(dim, num_heads, qk_norm) if points else None
+        self.isa = InterspatialAttention(dim, num_heads, use_ispe, ispe_freqs, qk_norm, update_points) \
+            if points else None
         self.video_mlp = FeedForward(dim, mlp_ratio)
-        self.point_mlp = FeedForward(dim, mlp_ratio) if update_points else None
+        self.point_mlp = FeedForward(dim, mlp_ratio) if self.update_points else None
         self.camera_attn = CrossAttention(dim, num_heads, qk_norm) if camera else None
         self.camera_norm = nn.LayerNorm(dim, eps=1e-6) if camera else None
         self.ref_attn = CrossAttention(dim, num_heads, qk_norm) if ref else None
@@ -83,8 +85,9 @@ class ISADiTBlock(nn.Module):
         names = [f"video_{s}" for s in self.video_sublayers] + [f"point_{s}" for s in self.point_sublayers]
         return {name: chunks[3 * i: 3 * i + 3] for i, name in enumerate(names)}  # (shift, scale, gate)
 
-    def forward(self, z: torch.Tensor, y: torch.Tensor, c: torch.Tensor,
-                inputs: BlockInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None, c: torch.Tensor,
+                inputs: BlockInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """y None: a block without the 3D stream (ISA off: the 2D-map and no-pose ablations)."""
         B, T, N, D = z.shape
         mod = self._modulations(c)
         pre = lambda name, x: modulate(self.norms[name](x), *mod[name][:2])  # noqa: E731
@@ -97,6 +100,16 @@ class ISADiTBlock(nn.Module):
         h = self.temporal_attn(h, inputs.temporal_rope)
         z = z + gated(rearrange(h, "(b n) t d -> b t n d", b=B), mod["video_temporal"][2])  # (B, T, N, D)
 
+        if self.points:
+            z, y = self._points(z, y, inputs, mod, pre)
+        else:
+            z = z + gated(self.video_mlp(pre("video_mlp", z)), mod["video_mlp"][2])
+        z = self._conditions(z, inputs, mod, pre)
+        return z, y  # (B, T, N, D), (B, T, M, D)
+
+    def _points(self, z, y, inputs, mod, pre):
+        """Sections 2 and 3: the 3D tokens' temporal attention, interspatial attention and both streams' MLPs."""
+        B = z.shape[0]
         # 2. 3D tokens: temporal attention per body point
         h = rearrange(pre("point_temporal", y), "b t m d -> (b m) t d")
         h = self.point_temporal_attn(h, inputs.temporal_rope)
@@ -113,7 +126,11 @@ class ISADiTBlock(nn.Module):
         if self.update_points:
             y = y + gated(rearrange(dy, "(b t) m d -> b t m d", b=B), mod["point_isa"][2])  # (B, T, M, D)
             y = y + gated(self.point_mlp(pre("point_mlp", y)), mod["point_mlp"][2])
+        return z, y
 
+    def _conditions(self, z, inputs, mod, pre):
+        """Section 4: the cross-attention sub-layers of the conditions with their own tokens."""
+        B, T = z.shape[:2]
         # 4. camera cross-attention per frame, then reference cross-attention
         if self.camera_attn is not None:
             h = rearrange(pre("video_camera", z), "b t n d -> (b t) n d")
@@ -124,7 +141,7 @@ class ISADiTBlock(nn.Module):
             h = rearrange(pre("video_ref", z), "b t n d -> b (t n) d")
             h = self.ref_attn(h, self.ref_norm(inputs.ref))  # all frames of a clip read the same reference
             z = z + gated(rearrange(h, "b (t n) d -> b t n d", t=T), mod["video_ref"][2])
-        return z, y  # (B, T, N, D), (B, T, M, D)
+        return z
 
 
 class FinalLayer(nn.Module):

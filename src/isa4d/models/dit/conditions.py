@@ -13,43 +13,123 @@ projected with its own camera (`position_frame="mean"`; "center" and "last" are 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, replace
 
 import torch
+from einops import rearrange, repeat
 from torch import nn
 
 from isa4d.body.smpl import BodyModel, model_file
 from isa4d.body.surface import BodySurface
 from isa4d.geometry.ndc import points_to_ndc
 from isa4d.geometry.plucker import latent_frame_groups, plucker_latent
+from isa4d.render.normal_maps import normal_maps
 
 POSITION_FRAMES = ("mean", "center", "last")
 
 
-@dataclass
-class DiTConditions:
-    """Conditions of B clips with T latent frames of h x w latent pixels, P people (padded), V body points."""
+@dataclass(frozen=True)
+class ConditionField:
+    """What the code around the network needs to know of one `DiTConditions` field.
 
-    points_world: torch.Tensor  # (B, P, T, F, V, 3) world positions in the F video frames of each latent frame
-    points_ndc: torch.Tensor  # (B, P, T, V, 3) camera NDC for ISPE (zeros where not valid)
-    points_valid: torch.Tensor  # (B, P, T, V) bool: a real person, in front of the camera
-    person_mask: torch.Tensor  # (B, P) bool
-    plucker: torch.Tensor  # (B, T, 6F, h, w)
-    ref_latent: torch.Tensor  # (B, C, h, w) normalised VAE latent of the reference image
-    ref_points_ndc: torch.Tensor  # (B, P, V, 2) the points' projection into the reference view (grid_sample coords)
-    ref_points_valid: torch.Tensor  # (B, P, V) bool: reference has a camera, real person, in front of it
-    background: torch.Tensor | None = None  # (B, C, T, h, w) normalised background latent, zeros where none
-    ref_features: torch.Tensor | None = None  # (B, R, E) tokens of an optional image encoder
+    time_axis: its latent-time axis, sliced by temporal windows (None: per clip, every window keeps it whole).
+    people_axis: its people axis, padded with absent people by `pad_people` (None: no people axis).
+    dtype: "compute", cast to the network's compute dtype at its input boundary (images, latents, tokens);
+        "geometry", kept float32 until coded (positions and NDC lose their phase in bf16); "mask", bool.
+    drop: the condition-dropout group that switches it off in training and for guidance (None: never dropped).
+    """
+
+    time_axis: int | None
+    people_axis: int | None
+    dtype: str
+    drop: str | None
+
+
+DTYPE_POLICIES = ("compute", "geometry", "mask")
+
+
+def condition(*, time_axis: int | None = None, people_axis: int | None = None, dtype: str = "geometry",
+              drop: str | None = None, optional: bool = False):
+    """A `DiTConditions` field with its metadata; `optional` ones default to None (the network may not read them)."""
+    if dtype not in DTYPE_POLICIES:
+        raise ValueError(f"dtype policy must be one of {DTYPE_POLICIES}, got {dtype!r}")
+    meta = {"condition": ConditionField(time_axis, people_axis, dtype, drop)}
+    return field(default=None, metadata=meta) if optional else field(metadata=meta)
+
+
+@dataclass(kw_only=True)
+class DiTConditions:
+    """Conditions of B clips with T latent frames of h x w latent pixels (H x W video pixels), P people (padded),
+    V body points, F video frames per latent frame.
+
+    Each field declares its metadata (`ConditionField`) where it is defined, and every generic operation (temporal
+    windows, device and dtype moves, people padding, condition dropout's groups) reads it from there: a new
+    condition is its field here, its embedder and its sub-layer in the network, nothing else. Dropout groups are
+    listed in the order their first field appears (the order `ConditionDropout` draws them in).
+    """
+
+    ref_latent: torch.Tensor = condition(dtype="compute", drop="ref")  # (B, C, h, w) normalised VAE latent
+    # (B, P, V, 2) the points' projection into the reference view (grid_sample coords)
+    ref_points_ndc: torch.Tensor = condition(people_axis=1, drop="ref")
+    # (B, P, V) bool: reference has a camera, real person, in front of it
+    ref_points_valid: torch.Tensor = condition(people_axis=1, dtype="mask", drop="ref")
+    points_world: torch.Tensor = condition(time_axis=2, people_axis=1, drop="pose")  # (B, P, T, F, V, 3) world
+    points_ndc: torch.Tensor = condition(time_axis=2, people_axis=1, drop="pose")  # (B, P, T, V, 3) NDC for ISPE
+    # (B, P, T, V) bool: a real person, in front of the camera
+    points_valid: torch.Tensor = condition(time_axis=2, people_axis=1, dtype="mask", drop="pose")
+    person_mask: torch.Tensor = condition(people_axis=1, dtype="mask")  # (B, P) bool
+    plucker: torch.Tensor = condition(time_axis=1, dtype="compute", drop="camera")  # (B, T, 6F, h, w)
+    # (B, C, T, h, w) normalised background latent, zeros where none
+    background: torch.Tensor | None = condition(time_axis=2, dtype="compute", drop="background", optional=True)
+    # (B, R, E) tokens of an optional image encoder
+    ref_features: torch.Tensor | None = condition(dtype="compute", drop="ref", optional=True)
+    # (B, T, 3F, H, W) camera-space normals of the posed bodies in each video frame, 0 where no body (2D-map
+    # baseline, `isa4d.render.normal_maps`)
+    body_maps: torch.Tensor | None = condition(time_axis=1, dtype="compute", drop="pose", optional=True)
+
+    @classmethod
+    def spec(cls) -> dict[str, ConditionField]:
+        """Every field's metadata, by name, in declaration order."""
+        return {f.name: f.metadata["condition"] for f in fields(cls)}
+
+    @classmethod
+    def dropout_groups(cls) -> tuple[str, ...]:
+        """The condition-dropout groups, in the order their first field is declared."""
+        return tuple(dict.fromkeys(m.drop for m in cls.spec().values() if m.drop is not None))
 
     def __len__(self) -> int:
-        return self.points_world.shape[0]
+        return self.person_mask.shape[0]
 
-    def apply(self, fn) -> "DiTConditions":
-        return DiTConditions(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
-                                for f in fields(self)})
+    @property
+    def num_frames(self) -> int:
+        """T, the latent frames the conditions cover."""
+        return self.points_world.shape[self.spec()["points_world"].time_axis]
 
-    def to(self, device: torch.device | str) -> "DiTConditions":
-        return self.apply(lambda t: t.to(device))
+    def apply(self, fn, names=None) -> "DiTConditions":
+        """`fn` applied to every present tensor (or to the fields in `names`), as a new DiTConditions."""
+        return replace(self, **{n: fn(v) for n in (names or self.spec())
+                                if (v := getattr(self, n)) is not None})
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "DiTConditions":
+        """Moved to `device`; `dtype` casts the "compute" fields only (geometry stays float32, masks bool)."""
+        out = self if device is None else self.apply(lambda t: t.to(device))
+        if dtype is None:
+            return out
+        return out.apply(lambda t: t.to(dtype), [n for n, m in self.spec().items() if m.dtype == "compute"])
+
+    def slice(self, start: int, stop: int) -> "DiTConditions":
+        """The conditions of latent frames [start, stop) as views, not copies: every field with a time axis is
+        narrowed, the per-clip ones (person mask, reference) are kept whole."""
+        T = self.num_frames
+        timed = {n: m.time_axis for n, m in self.spec().items() if m.time_axis is not None}
+        for name, axis in timed.items():
+            value = getattr(self, name)
+            if value is not None and value.shape[axis] != T:
+                raise ValueError(f"{name} has {value.shape[axis]} latent frames on axis {axis}, points_world {T}")
+        if not 0 <= start < stop <= T:
+            raise ValueError(f"latent frames [{start}, {stop}) are not a non-empty range of [0, {T})")
+        return replace(self, **{n: v.narrow(axis, start, stop - start) for n, axis in timed.items()
+                                if (v := getattr(self, n)) is not None})
 
     def pad_people(self, people: int) -> "DiTConditions":
         """The same conditions with the people axis padded to `people` by absent people (all their points and
@@ -59,11 +139,15 @@ class DiTConditions:
         if P >= people:
             return self
 
-        def pad(t: torch.Tensor) -> torch.Tensor:
-            return torch.cat([t, t.new_zeros(t.shape[0], people - P, *t.shape[2:])], dim=1)
+        def padder(axis: int):
+            def pad(t: torch.Tensor) -> torch.Tensor:
+                shape = list(t.shape)
+                shape[axis] = people - P
+                return torch.cat([t, t.new_zeros(shape)], dim=axis)
+            return pad
 
-        names = ("points_world", "points_ndc", "points_valid", "person_mask", "ref_points_ndc", "ref_points_valid")
-        return DiTConditions(**{**vars(self), **{n: pad(getattr(self, n)) for n in names}})
+        return replace(self, **{n: padder(m.people_axis)(v) for n, m in self.spec().items()
+                                if m.people_axis is not None and (v := getattr(self, n)) is not None})
 
     def repeat(self, n: int) -> "DiTConditions":
         """Each tensor stacked n times along the batch (for batched guidance)."""
@@ -81,12 +165,15 @@ class PoseConditioner(nn.Module):
 
     def __init__(self, body_model_dir: str, num_points: int, surface_seed: int = 0, min_points_per_part: int = 2,
                  temporal_factor: int = 4, spatial_factor: int = 8, patch: int = 2, near: float = 0.1,
-                 far: float = 20.0, position_frame: str = "mean", use_gender: bool = True):
+                 far: float = 20.0, position_frame: str = "mean", use_gender: bool = True, body_maps: bool = False):
+        """`body_maps`: also render the posed meshes' normal maps in every video frame (the 2D-map baseline's
+        `DiTConditions.body_maps`; `isa4d.render.normal_maps`, exact rasterisation in PyTorch on the batch's
+        device)."""
         super().__init__()
         if position_frame not in POSITION_FRAMES:
             raise ValueError(f"position_frame must be one of {POSITION_FRAMES}, got {position_frame!r}")
         self.temporal_factor, self.spatial_factor, self.patch = temporal_factor, spatial_factor, patch
-        self.near, self.far, self.position_frame = near, far, position_frame
+        self.near, self.far, self.position_frame, self.body_maps = near, far, position_frame, body_maps
         genders = ["neutral"]
         if use_gender:
             genders += [g for g in ("male", "female") if _has_model(body_model_dir, g)]
@@ -159,6 +246,8 @@ class PoseConditioner(nn.Module):
                                         self.near, self.far)  # (B, P, V, 3), (B, P, V)
         ref_ok = ref_ok & person_mask[:, :, None] & ref_has_camera[:, None, None]
         ref_xy = torch.where(ref_ok[..., None], ref_ndc[..., :2], torch.zeros_like(ref_ndc[..., :2]))
+        if self.body_maps:
+            geometry_maps = self.normal_maps(K, w2c, smpl, person_mask, height, width, gender)[:, groups]
         geometry = dict(
             points_world=points[:, :, groups],  # (B, P, T, F, V, 3)
             points_ndc=pos,
@@ -168,7 +257,20 @@ class PoseConditioner(nn.Module):
             ref_points_ndc=ref_xy,
             ref_points_valid=ref_ok,
         )
+        if self.body_maps:
+            geometry["body_maps"] = rearrange(geometry_maps, "b t f c h w -> b t (f c) h w")  # (B, T, 3F, H, W)
         return geometry, points
+
+    def normal_maps(self, K: torch.Tensor, w2c: torch.Tensor, smpl, person_mask: torch.Tensor, height: int,
+                    width: int, gender: list[str] | None = None) -> torch.Tensor:
+        """Camera-space normal maps of the posed meshes in every video frame, (B, T_video, 3, H, W); an absent
+        (padded) person draws nothing, occlusion between people is resolved by depth."""
+        verts = self.mesh(smpl.betas, smpl.global_orient, smpl.body_pose, smpl.transl, gender)  # (B, P, Tv, Vm, 3)
+        B, P, Tv = verts.shape[:3]
+        maps = normal_maps(rearrange(verts, "b p t v c -> (b t) p v c"), self.bodies["neutral"].faces,
+                           rearrange(K, "b t i j -> (b t) i j"), rearrange(w2c, "b t i j -> (b t) i j"),
+                           repeat(person_mask, "b p -> (b t) p", t=Tv), height, width, self.near, self.far)
+        return rearrange(maps, "(b t) c h w -> b t c h w", b=B)  # (B, Tv, 3, H, W)
 
 
 def _has_model(model_dir: str, gender: str) -> bool:

@@ -15,8 +15,9 @@ from einops import rearrange
 from torch import nn
 
 from isa4d.geometry.ndc import sinusoidal_embedding
+from isa4d.models.dit.conditions import DiTConditions
 
-CONDITIONS = ("ref", "pose", "camera", "background")
+CONDITIONS = DiTConditions.dropout_groups()  # ("ref", "pose", "camera", "background"), from the fields' metadata
 
 
 def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
@@ -62,6 +63,28 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(patchify(x, self.patch))
+
+
+class MapEmbedder(nn.Module):
+    """Per-frame 2D maps (B, T, C_map, H, W) at video resolution -> additive video-token features (B, T, N, D).
+
+    ControlNet-lite (the paper's 2D-map baseline): the maps of the video frames of each latent frame, stacked on
+    channels like the Plücker rays, are patchified with the video tokens' footprint in pixels (`pixel_patch` =
+    the VAE's spatial factor x the DiT's patch), embedded, and added through a zero-initialised projection, so a
+    network that gains this path starts exactly as the one without it. A dropped sample adds nothing.
+    """
+
+    def __init__(self, in_channels: int, dim: int, pixel_patch: int):
+        super().__init__()
+        self.embed = PatchEmbed(in_channels, dim, pixel_patch)
+        self.act = nn.SiLU()
+        self.proj = nn.Linear(dim, dim)
+        nn.init.zeros_(self.proj.weight)  # zero-init: the maps start with no effect (ControlNet's zero convolution)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, maps: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+        tokens = self.proj(self.act(self.embed(rearrange(maps, "b t c h w -> b c t h w"))))  # (B, T, N, D)
+        return torch.where(drop[:, None, None, None], torch.zeros_like(tokens), tokens)
 
 
 class PointEmbedder(nn.Module):

@@ -23,8 +23,14 @@ from isa4d.geometry.ndc import sinusoidal_embedding, token_grid_ndc
 from isa4d.models.dit.attention import grid_positions, rope_frequencies
 from isa4d.models.dit.blocks import BlockInputs, FinalLayer, ISADiTBlock
 from isa4d.models.dit.conditions import DiTConditions
-from isa4d.models.dit.embeddings import ConditionDropout, PatchEmbed, PointEmbedder, TimestepEmbedder, unpatchify
+from isa4d.models.dit.embeddings import (ConditionDropout, MapEmbedder, PatchEmbed, PointEmbedder, TimestepEmbedder,
+                                         unpatchify)
 from isa4d.models.dit.isa import ispe_code
+
+
+# How the body enters: "points", ISA's 3D tokens (the paper's model); "maps", 2D normal maps of the posed bodies
+# added to the video tokens with ISA off (the paper's ControlNet baseline); "none", no pose at all.
+POSES = ("points", "maps", "none")
 
 
 class ISADiT(nn.Module):
@@ -57,6 +63,8 @@ class ISADiT(nn.Module):
         ref_feature_dim: int = 0,
         condition_dropout: dict[str, float] | None = None,
         rope_theta: float = 10_000.0,
+        pose: str = "points",
+        spatial_factor: int = 8,
     ):
         config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}  # the constructor's arguments
         super().__init__()
@@ -65,16 +73,21 @@ class ISADiT(nn.Module):
         if head_dim == 0 or head_dim % 4:
             raise ValueError(f"hidden_size ({hidden_size}) / num_heads ({num_heads}) must be an integer head size "
                              f"divisible by 4 (2D rotary positions)")
+        if pose not in POSES:
+            raise ValueError(f"pose must be one of {POSES}, got {pose!r}")
         self.latent_channels, self.patch_size, self.num_points = latent_channels, patch_size, num_points
+        self.pose, self.max_people, self.spatial_factor = pose, max_people, spatial_factor
         self.frames_per_latent, self.head_dim, self.rope_theta = frames_per_latent, head_dim, rope_theta
-        self.background, self.ref_points, self.ispe_freqs = background, ref_points, ispe_freqs
+        self.background, self.ref_points, self.ispe_freqs = background, ref_points and pose == "points", ispe_freqs
         self.x_embedder = PatchEmbed(latent_channels * (2 if background else 1), hidden_size, patch_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
+        points = pose == "points"
         self.point_embedder = PointEmbedder(hidden_size, frames_per_latent, num_points, max_people, point_freqs,
-                                            world_extent, point_embedding)
+                                            world_extent, point_embedding) if points else None
         self.condition_dropout = ConditionDropout(condition_dropout)
         # 3D identity path: reference latent -> features sampled at the points' reference-view projection
-        self.ref_point_features = nn.Conv2d(latent_channels, hidden_size, 3, padding=1) if ref_points else None
+        self.ref_point_features = nn.Conv2d(latent_channels, hidden_size, 3, padding=1) \
+            if ref_points and points else None
         # camera path
         self.camera_embedder = PatchEmbed(6 * frames_per_latent, hidden_size, patch_size) if camera else None
         self.null_camera = nn.Parameter(torch.zeros(hidden_size)) if camera else None
@@ -85,9 +98,13 @@ class ISADiT(nn.Module):
         self.null_ref = nn.Parameter(torch.zeros(hidden_size)) if ref_tokens else None
         self.blocks = nn.ModuleList([
             ISADiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm, use_ispe, ispe_freqs, camera, ref_tokens,
-                        update_points=i < depth - 1)  # the last block's 3D output would never be read
+                        update_points=i < depth - 1,  # the last block's 3D output would never be read
+                        points=points)
             for i in range(depth)
         ])
+        # 2D-map baseline (ISA off): normal maps of the posed bodies, ControlNet-lite onto the video tokens
+        self.map_embedder = MapEmbedder(3 * frames_per_latent, hidden_size, patch_size * spatial_factor) \
+            if pose == "maps" else None
         self.final_layer = FinalLayer(hidden_size, latent_channels * patch_size ** 2)
         self._init_weights()
 
@@ -96,6 +113,8 @@ class ISADiT(nn.Module):
         modules), so at initialisation every block is the identity and the prediction is 0."""
         zero_init = {id(m.adaLN_modulation[-1]) for m in self.modules() if hasattr(m, "adaLN_modulation")}
         zero_init.add(id(self.final_layer.linear))
+        if self.map_embedder is not None:
+            zero_init.add(id(self.map_embedder.proj))
         for m in self.modules():
             if isinstance(m, nn.Linear) and id(m) not in zero_init:
                 nn.init.xavier_uniform_(m.weight)
@@ -160,9 +179,7 @@ class ISADiT(nn.Module):
         # compute in the parameters' dtype (bf16 under FSDP mixed precision); geometry stays fp32 until coded
         dtype = self.x_embedder.proj.weight.dtype
         x = x.to(dtype)
-        cond = DiTConditions(**{**vars(cond), **{k: getattr(cond, k).to(dtype) for k in
-                                                 ("plucker", "ref_latent", "background", "ref_features")
-                                                 if getattr(cond, k) is not None}})
+        cond = cond.to(dtype=dtype)  # the "compute" fields; geometry stays fp32, masks bool
         drop = self.condition_dropout(B, x.device, force_drop, generator)
 
         # 1. tokens
@@ -171,14 +188,21 @@ class ISADiT(nn.Module):
             bg = torch.where(drop["background"][:, None, None, None, None], torch.zeros_like(bg), bg)
             x = torch.cat([x, bg.to(x.dtype)], dim=1)  # (B, 2C, T, h, w)
         z = self.x_embedder(x)  # (B, T, N, D)
-        y, y_mask = self._points(cond, drop)  # (B, T, M, D), (B, T, M)
+        if self.map_embedder is not None:
+            if cond.body_maps is None:
+                raise ValueError("the network was built with pose='maps' but cond.body_maps is None")
+            z = z + self.map_embedder(cond.body_maps, drop["pose"])  # (B, T, N, D)
+        y = y_mask = y_code = None
+        if self.point_embedder is not None:
+            y, y_mask = self._points(cond, drop)  # (B, T, M, D), (B, T, M)
+            y_code = ispe_code(rearrange(cond.points_ndc, "b p t v c -> b t (p v) c"), self.ispe_freqs)
         c = self.t_embedder(t)  # (B, D)
         inputs = BlockInputs(
             spatial_rope=rope_frequencies(grid_positions(gh, gw, device=x.device),
                                           (self.head_dim // 2, self.head_dim // 2), self.rope_theta),
             temporal_rope=rope_frequencies(grid_positions(T, device=x.device), (self.head_dim,), self.rope_theta),
             z_code=ispe_code(token_grid_ndc(gh, gw, device=x.device), self.ispe_freqs),  # (N, C)
-            y_code=ispe_code(rearrange(cond.points_ndc, "b p t v c -> b t (p v) c"), self.ispe_freqs),
+            y_code=y_code,
             y_mask=y_mask,
             camera=self._camera(cond, drop["camera"]),
             ref=self._ref(cond, drop["ref"]),
