@@ -23,8 +23,14 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+# Decoder upsamplers, and both with the parameter-free shortcuts (DC-AE / Wan2.2 style) around them.
+VARIANTS = {"inflated": {}, "factorized": {"upsampler": "factorized"}, "inflated+shortcuts": {"shortcuts": True},
+            "factorized+shortcuts": {"upsampler": "factorized", "shortcuts": True}}
+
+
 def make_vae(dtype: torch.dtype = torch.float32, **overrides) -> CausalVideoVAE:
     torch.manual_seed(0)
+    overrides = {**VARIANTS[overrides.pop("upsampler")], **overrides} if "upsampler" in overrides else overrides
     return CausalVideoVAE(**{**TINY, **overrides}).to(dtype).eval()
 
 
@@ -37,7 +43,7 @@ def video(t: int, h: int = 32, w: int = 32, b: int = 1, dtype: torch.dtype = tor
 
 
 @pytest.mark.parametrize("t", [1, 5, 9, 17])
-@pytest.mark.parametrize("upsampler", ["inflated", "factorized"])
+@pytest.mark.parametrize("upsampler", list(VARIANTS))
 def test_shapes_round_trip(t, upsampler):
     vae = make_vae(upsampler=upsampler)
     with torch.no_grad():
@@ -81,9 +87,10 @@ def test_temporal_factor_generalises():
 # -------------------------------------------------------------------------------------------------- causality
 
 
-def test_encoder_is_causal():
+@pytest.mark.parametrize("shortcuts", [False, True])
+def test_encoder_is_causal(shortcuts):
     """Latent frame i sees frames <= 4i only: perturbing frames 5.. leaves latent frames 0, 1 bit-equal."""
-    vae = make_vae(torch.float64)
+    vae = make_vae(torch.float64, shortcuts=shortcuts)
     x = video(9, dtype=torch.float64)
     x2 = x.clone()
     x2[:, :, 5:] += torch.randn_like(x2[:, :, 5:])
@@ -93,7 +100,7 @@ def test_encoder_is_causal():
     assert (m[:, :, 2] - m2[:, :, 2]).abs().max() > 1e-3  # the perturbation does reach latent frame 2
 
 
-@pytest.mark.parametrize("upsampler", ["inflated", "factorized"])
+@pytest.mark.parametrize("upsampler", list(VARIANTS))
 def test_decoder_is_causal(upsampler):
     """Frame t sees latent frames <= ceil(t / 4): perturbing latent frame 2 leaves frames 0..4 bit-equal."""
     vae = make_vae(torch.float64, upsampler=upsampler)
@@ -106,7 +113,7 @@ def test_decoder_is_causal(upsampler):
     assert (y[:, :, 5:] - y2[:, :, 5:]).abs().amax(dim=(0, 1, 3, 4)).min() > 1e-4  # frames 5..8 all move
 
 
-@pytest.mark.parametrize("upsampler", ["inflated", "factorized"])
+@pytest.mark.parametrize("upsampler", list(VARIANTS))
 def test_first_frame_is_coded_alone(upsampler):
     vae = make_vae(upsampler=upsampler)
     x = video(9)
@@ -119,7 +126,7 @@ def test_first_frame_is_coded_alone(upsampler):
 # --------------------------------------------------------------------------------------------------- chunking
 
 
-@pytest.mark.parametrize("upsampler", ["inflated", "factorized"])
+@pytest.mark.parametrize("upsampler", list(VARIANTS))
 def test_chunked_equals_unchunked_and_cache_does_not_leak(upsampler):
     vae = make_vae(upsampler=upsampler)
     x = video(17)
@@ -303,3 +310,21 @@ def test_factorized_upsampler_splits_time_and_space():
         h.remove()
     for i in temporal:
         assert seen[f"up.{i}.upsample.conv"] == 2 * seen[f"up.{i}.upsample.time_conv"]
+
+
+def test_shortcut_paths_against_pooling():
+    """average_down is a causal 2 x 2 x 2 mean (frame 0 paired with itself); duplicate_up inverts it on cell-constant
+    videos; a shortcut VAE refuses widths its channel groups cannot map."""
+    from isa4d.models.vae.blocks import average_down, duplicate_up
+    x = video(9, 16, 16, b=2, dtype=torch.float64)
+    padded = torch.cat([x[:, :, :1], x], dim=2)  # (b, c, 10, h, w)
+    torch.testing.assert_close(average_down(x, True, True), F.avg_pool3d(padded, 2), rtol=0, atol=1e-12)
+    torch.testing.assert_close(average_down(x, False, True), F.avg_pool3d(x, (1, 2, 2)), rtol=0, atol=1e-12)
+    cells = F.avg_pool3d(padded, 2)  # (b, c, 5, 8, 8)
+    up = duplicate_up(cells, 3, True, True)
+    assert up.shape == x.shape
+    torch.testing.assert_close(average_down(up, True, True), cells, rtol=0, atol=1e-12)
+    torch.testing.assert_close(duplicate_up(cells.repeat_interleave(2, dim=1), 3, False, True)[:, :, ::1, ::2, ::2],
+                               cells, rtol=0, atol=1e-12)  # channel groups averaged, then copied in space
+    with pytest.raises(ValueError, match="shortcuts need latent_channels"):
+        CausalVideoVAE(**{**TINY, "shortcuts": True, "latent_channels": 12, "sub_latents": 4})

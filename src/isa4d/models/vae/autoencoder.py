@@ -13,7 +13,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, reduce, repeat
 from torch import Tensor, nn
 
 from isa4d.models.vae.blocks import (Downsample, FactorizedUpsample, ResnetBlock3D, SpatialAttention, Upsample,
@@ -66,9 +66,10 @@ class Encoder(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, base_channels: int,
                  channel_mults: tuple[int, ...], num_res_blocks: int, temporal_downsample: tuple[bool, ...],
-                 mid_attention: bool, norm_groups: int, dropout: float) -> None:
+                 mid_attention: bool, norm_groups: int, dropout: float, shortcuts: bool = False) -> None:
         super().__init__()
         widths = [base_channels * m for m in channel_mults]
+        self.shortcuts, self.out_channels = shortcuts, out_channels
         self.conv_in = CausalConv3d(in_channels, widths[0], 3)
         self.down = nn.ModuleList()
         block_in = widths[0]
@@ -79,7 +80,7 @@ class Encoder(nn.Module):
                 stage.block.append(ResnetBlock3D(block_in, width, norm_groups, dropout))
                 block_in = width
             if level < len(widths) - 1:
-                stage.downsample = Downsample(width, temporal_downsample[level])
+                stage.downsample = Downsample(width, temporal_downsample[level], shortcuts)
             self.down.append(stage)
         self.mid = _mid_block(block_in, mid_attention, norm_groups, dropout)
         self.norm_out = frame_norm(block_in, norm_groups)
@@ -93,7 +94,11 @@ class Encoder(nn.Module):
             if hasattr(stage, "downsample"):
                 h = stage.downsample(h)  # (b, c_l, t / 2 or t, h / 2, w / 2)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))  # (b, c, n, H / 8, W / 8)
-        return self.conv_out(F.silu(self.norm_out(h)))  # (b, 2 c_z, n, H / 8, W / 8)
+        moments = self.conv_out(F.silu(self.norm_out(h)))  # (b, 2 c_z, n, H / 8, W / 8)
+        if self.shortcuts:  # the means also get h's channel groups averaged (DC-AE's space-to-channel shortcut)
+            skip = reduce(h, "b (z g) n h w -> b z n h w", "mean", z=self.out_channels // 2)
+            moments = moments + torch.cat([skip, torch.zeros_like(skip)], dim=1)
+        return moments
 
 
 UPSAMPLERS = ("inflated", "factorized")
@@ -108,10 +113,12 @@ class Decoder(nn.Module):
 
     def __init__(self, out_channels: int, latent_channels: int, base_channels: int,
                  channel_mults: tuple[int, ...], num_res_blocks: int, temporal_downsample: tuple[bool, ...],
-                 mid_attention: bool, norm_groups: int, dropout: float, upsampler: str = "inflated") -> None:
+                 mid_attention: bool, norm_groups: int, dropout: float, upsampler: str = "inflated",
+                 shortcuts: bool = False) -> None:
         super().__init__()
         widths = [base_channels * m for m in channel_mults]
         block_in = widths[-1]
+        self.shortcuts = shortcuts
         self.conv_in = CausalConv3d(latent_channels, block_in, 3)
         self.mid = _mid_block(block_in, mid_attention, norm_groups, dropout)
         up = []
@@ -122,10 +129,11 @@ class Decoder(nn.Module):
                 stage.block.append(ResnetBlock3D(block_in, widths[level], norm_groups, dropout))
                 block_in = widths[level]
             if level > 0 and upsampler == "factorized":
-                stage.upsample = FactorizedUpsample(block_in, widths[level - 1], temporal_downsample[level - 1])
+                stage.upsample = FactorizedUpsample(block_in, widths[level - 1], temporal_downsample[level - 1],
+                                                    shortcuts)
                 block_in = widths[level - 1]
             elif level > 0:
-                stage.upsample = Upsample(block_in, temporal_downsample[level - 1])
+                stage.upsample = Upsample(block_in, temporal_downsample[level - 1], shortcuts)
             up.insert(0, stage)
         self.up = nn.ModuleList(up)
         self.norm_out = frame_norm(block_in, norm_groups)
@@ -133,6 +141,8 @@ class Decoder(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:  # z: (b, c_z, n, h, w)
         h = self.conv_in(z)  # (b, c, n, h, w)
+        if self.shortcuts:  # each latent channel copied to its group of h's channels, the inverse of the encoder's
+            h = h + repeat(z, "b z n h w -> b (z g) n h w", g=h.shape[1] // z.shape[1])
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))  # (b, c, n, h, w)
         for stage in reversed(self.up):
             for block in stage.block:
@@ -151,6 +161,10 @@ class CausalVideoVAE(nn.Module):
     persistent buffers, saved with the weights, used by `normalize_latents` to hand the DiT unit-scale
     latents. `upsampler` picks the decoder's upsampling: "inflated" (SD's, every conv 3x3x3, as the paper
     inflates) or "factorized" (a 3x1x1 time conv at the lower resolution and a 1x3x3 space conv, as Wan2.1).
+    `shortcuts` adds parameter-free
+    residual paths (DC-AE's space-to-channel shortcuts, Wan2.2's AvgDown/DupUp) around every down/upsampler and the
+    latent projections, so an untrained VAE already codes each 8 x 8 x 4 cell by its mean and the network learns
+    the residual; docs/vae.md says why it learns much faster.
     """
 
     def __init__(
@@ -165,6 +179,7 @@ class CausalVideoVAE(nn.Module):
         norm_groups: int = 32,
         dropout: float = 0.0,
         upsampler: str = "inflated",
+        shortcuts: bool = False,
         image_regularizer: bool = True,
         sub_latents: int = 4,
         image_decoder_channels: tuple[int, ...] = (64, 128),
@@ -177,7 +192,7 @@ class CausalVideoVAE(nn.Module):
         self.config = dict(in_channels=in_channels, latent_channels=latent_channels, base_channels=base_channels,
                            channel_mults=list(channel_mults), num_res_blocks=num_res_blocks,
                            temporal_downsample=list(temporal_downsample), mid_attention=mid_attention,
-                           norm_groups=norm_groups, dropout=dropout, upsampler=upsampler,
+                           norm_groups=norm_groups, dropout=dropout, upsampler=upsampler, shortcuts=shortcuts,
                            image_regularizer=image_regularizer,
                            sub_latents=sub_latents, image_decoder_channels=list(image_decoder_channels))
         if not channel_mults or base_channels <= 0 or min(channel_mults) <= 0:
@@ -195,8 +210,13 @@ class CausalVideoVAE(nn.Module):
         self.temporal_factor = 2 ** sum(temporal_downsample)
         args = (base_channels, channel_mults, num_res_blocks, temporal_downsample, mid_attention, norm_groups,
                 dropout)
-        self.encoder = Encoder(in_channels, 2 * latent_channels, *args)
-        self.decoder = Decoder(in_channels, latent_channels, *args, upsampler=upsampler)
+        widths = [base_channels * m for m in channel_mults]
+        if shortcuts and (widths[-1] % latent_channels or any(
+                a % b for a, b in zip(widths[1:], widths[:-1]))):
+            raise ValueError(f"shortcuts need latent_channels ({latent_channels}) to divide the last width and each "
+                             f"width to divide the next one, got widths {widths}")
+        self.encoder = Encoder(in_channels, 2 * latent_channels, *args, shortcuts=shortcuts)
+        self.decoder = Decoder(in_channels, latent_channels, *args, upsampler=upsampler, shortcuts=shortcuts)
 
         self.image_regularizer = image_regularizer
         if image_regularizer:

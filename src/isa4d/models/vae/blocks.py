@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, reduce, repeat
 from torch import Tensor, nn
 
 from isa4d.models.vae.causal_conv import CausalConv3d
@@ -123,16 +123,45 @@ class Downsample(nn.Module):
 
     Space: SD's asymmetric (0, 1, 0, 1) pad + stride 2. Time: stride 2 over the replicate-padded sequence, so
     frame 0 alone gives output 0 and frames (2j - 1, 2j) give output j (with earlier frames as context).
+    With `shortcut`, the conv learns a residual over `average_down` (the mean of each 2 x 2 (x 2) cell, space
+    and time folded into channel groups), as in DC-AE's residual autoencoding and Wan2.2's AvgDown: docs/vae.md.
     """
 
-    def __init__(self, channels: int, temporal: bool) -> None:
+    def __init__(self, channels: int, temporal: bool, shortcut: bool = False) -> None:
         super().__init__()
-        self.temporal = temporal
+        self.temporal, self.shortcut = temporal, shortcut
         stride = (2 if temporal else 1, 2, 2)
         self.conv = CausalConv3d(channels, channels, 3, stride=stride, spatial_padding=(0, 1, 0, 1))
 
     def forward(self, x: Tensor) -> Tensor:  # x: (b, c, t, h, w)
-        return self.conv(x)  # (b, c, 1 + (t - 1) / 2 if temporal else t, h / 2, w / 2)
+        starts_clip = not self.conv.continuing  # read before the conv call fills its cache
+        out = self.conv(x)  # (b, c, 1 + (t - 1) / 2 if temporal else t, h / 2, w / 2)
+        if self.shortcut:
+            out = out + average_down(x, self.temporal, starts_clip)
+        return out
+
+
+def average_down(x: Tensor, temporal: bool, starts_clip: bool) -> Tensor:
+    """The parameter-free path of a shortcut Downsample: (b, c, t, h, w) -> the mean over each 2 x 2 pixel cell
+    (and causal frame pair (2j - 1, 2j), frame 0 paired with itself), (b, c, t', h / 2, w / 2). Causal and exact
+    under chunked coding: a clip's first chunk has an odd frame count, later chunks even ones."""
+    if temporal and starts_clip:
+        x = torch.cat([x[:, :, :1], x], dim=2)  # frame 0 pairs with itself: (b, c, 1 + t, h, w)
+    r = 2 if temporal else 1
+    return reduce(x, "b c (t r) (h i) (w j) -> b c t h w", "mean", r=r, i=2, j=2)
+
+
+def duplicate_up(x: Tensor, out_channels: int, temporal: bool, starts_clip: bool) -> Tensor:
+    """The parameter-free path of a shortcut upsampler, the inverse of `average_down`: each channel copied to the
+    2 x 2 (x 2) cell it stands for, channels averaged in groups when `out_channels` is fewer (Wan2.2's DupUp):
+    (b, c, t, h, w) -> (b, out_channels, 1 + 2 (t - 1) or t, 2 h, 2 w)."""
+    r = 2 if temporal else 1
+    c = x.shape[1]
+    if c % out_channels:
+        raise ValueError(f"a shortcut upsampler needs out_channels ({out_channels}) to divide channels ({c})")
+    x = reduce(x, "b (o g) t h w -> b o t h w", "mean", o=out_channels)  # (b, c_out, t, h, w)
+    x = repeat(x, "b c t h w -> b c (t r) (h i) (w j)", r=r, i=2, j=2)
+    return x[:, :, r - 1:] if temporal and starts_clip else x
 
 
 class Upsample(nn.Module):
@@ -142,19 +171,20 @@ class Upsample(nn.Module):
     (the earlier of its pair is dropped), so 1 + (t - 1) frames become 1 + 2 (t - 1).
     """
 
-    def __init__(self, channels: int, temporal: bool) -> None:
+    def __init__(self, channels: int, temporal: bool, shortcut: bool = False) -> None:
         super().__init__()
-        self.temporal = temporal
+        self.temporal, self.shortcut = temporal, shortcut
         self.factor = 2 if temporal else 1
         self.conv = CausalConv3d(channels, channels * self.factor, 3)
 
     def forward(self, x: Tensor) -> Tensor:  # x: (b, c, t, h, w)
         starts_clip = not self.conv.continuing  # read before the conv call fills its cache
+        skip = duplicate_up(x, x.shape[1], self.temporal, starts_clip) if self.shortcut else None
         x = upsample_space(x)  # (b, c, t, 2h, 2w)
         x = self.conv(x)  # (b, r c, t, 2h, 2w)
         if self.temporal:
             x = depth_to_time(x, self.factor, starts_clip)  # (b, c, 1 + r (t - 1), 2h, 2w)
-        return x
+        return x if skip is None else x + skip
 
 
 class FactorizedUpsample(nn.Module):
@@ -166,18 +196,20 @@ class FactorizedUpsample(nn.Module):
     (which has 3 taps and runs on a quarter of the pixels).
     """
 
-    def __init__(self, channels: int, out_channels: int, temporal: bool) -> None:
+    def __init__(self, channels: int, out_channels: int, temporal: bool, shortcut: bool = False) -> None:
         super().__init__()
-        self.temporal = temporal
+        self.temporal, self.shortcut, self.out_channels = temporal, shortcut, out_channels
         self.factor = 2 if temporal else 1
         self.time_conv = CausalConv3d(channels, 2 * channels, (3, 1, 1)) if temporal else None
         self.conv = CausalConv3d(channels, out_channels, (1, 3, 3))
 
     def forward(self, x: Tensor) -> Tensor:  # x: (b, c, t, h, w)
+        starts_clip = not self.conv.continuing  # read before the conv calls fill their caches
+        skip = duplicate_up(x, self.out_channels, self.temporal, starts_clip) if self.shortcut else None
         if self.time_conv is not None:
-            starts_clip = not self.time_conv.continuing
             x = depth_to_time(self.time_conv(x), self.factor, starts_clip)  # (b, c, 1 + 2 (t - 1), h, w)
-        return self.conv(upsample_space(x))  # (b, c_out, t', 2h, 2w)
+        x = self.conv(upsample_space(x))  # (b, c_out, t', 2h, 2w)
+        return x if skip is None else x + skip
 
 
 def upsample_space(x: Tensor) -> Tensor:
