@@ -197,8 +197,8 @@ def test_magnitudes_are_bounded(clip, field_name, index, inside, outside, reason
 
     def sample(value, key):
         edited = {**arrays, field_name: _edited(arrays[field_name], index, value)}
-        return _sample(clip, key, smpl=SMPLSequence(*(edited[k] for k in ("betas", "global_orient", "body_pose", "transl"))),
-                       cam=CameraSequence(edited["K"], edited["w2c"]))
+        body = SMPLSequence(*(edited[k] for k in ("betas", "global_orient", "body_pose", "transl")))
+        return _sample(clip, key, smpl=body, cam=CameraSequence(edited["K"], edited["w2c"]))
 
     parse_sample(sample(inside, "inside"))
     _expect(sample(outside, "outside"), reason, match)

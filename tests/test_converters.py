@@ -246,7 +246,8 @@ def test_phalp_rotated_video(phalp_case, body, tmp_path):
     stored = np.ascontiguousarray(np.rot90(upright, 1, axes=(1, 2)))  # sensor orientation; shown turned back
     video = tmp_path / "clip.mp4"
     video.write_bytes(mux(stored, rotation=-90, rate=int(FPS)))
-    s = read_shards(convert_phalp.convert(root / "demo_clip.pkl", video, tmp_path / "out", min_frames=8))["clip_t1_000000"]
+    paths = convert_phalp.convert(root / "demo_clip.pkl", video, tmp_path / "out", min_frames=8)
+    s = read_shards(paths)["clip_t1_000000"]
     uv = sample_projection(body, s)[0]
     assert np.abs(uv - np.stack([truth[1][t] for t in range(20)])).max() < TOL_PX
     check_frames(s, uv[None, :, 0], list(range(20)))

@@ -132,9 +132,9 @@ def test_truncated_with_moov_in_front_is_refused_by_probe(originals: np.ndarray,
         probe(cut)
     with pytest.raises(VideoError, match="truncated"):
         decode_frames(cut, [0])
-    sample = {"__key__": "cut", "mp4": cut, "json": b"{}", "smpl.npz": b"", "cam.npz": b""}
+    sample = {"__key__": "cut", "mp4": cut, "json": b'{"fps": 30, "gender": "neutral"}', **_body_and_camera(N)}
     with pytest.raises(SampleError) as e:
-        parse_sample({**sample, "json": b'{"fps": 30, "gender": "neutral"}', **_body_and_camera(N)})
+        parse_sample(sample)
     assert e.value.reason == "undecodable" and "truncated" in str(e.value)
 
 
@@ -143,7 +143,10 @@ def _body_and_camera(frames: int) -> dict[str, bytes]:
 
     K = np.broadcast_to(np.array([[50.0, 0, 32], [0, 50, 24], [0, 0, 1]], np.float32), (frames, 3, 3))
     return {
-        "smpl.npz": npz_bytes(betas=np.zeros((1, 10), np.float32), global_orient=np.zeros((1, frames, 3), np.float32),
-                              body_pose=np.zeros((1, frames, 69), np.float32), transl=np.zeros((1, frames, 3), np.float32)),
-        "cam.npz": npz_bytes(K=np.ascontiguousarray(K), w2c=np.broadcast_to(np.eye(4, dtype=np.float32), (frames, 4, 4)).copy()),
+        "smpl.npz": npz_bytes(betas=np.zeros((1, 10), np.float32),
+                              global_orient=np.zeros((1, frames, 3), np.float32),
+                              body_pose=np.zeros((1, frames, 69), np.float32),
+                              transl=np.zeros((1, frames, 3), np.float32)),
+        "cam.npz": npz_bytes(K=np.ascontiguousarray(K),
+                             w2c=np.broadcast_to(np.eye(4, dtype=np.float32), (frames, 4, 4)).copy()),
     }

@@ -131,8 +131,9 @@ class FVD(NetworkMetric):
 
     videos: (B, T, 3, H, W) float in [-1, 1], T >= 16: 16 frames are used, where `protocol` (module doc) takes
     them. The default, `tfgan`, cuts every clip at frame 0, so identical real and generated sets score 0 and a
-    reconstruction is compared with the frames it reconstructs (rFVD); `stylegan_v` matches that paper family. The I3D features are kept per clip (list states gathered with "cat" across processes), so the result is
-    the same on one process or many. `compute()` returns `fvd`, the same value under `fvd_<protocol>` (so every
+    reconstruction is compared with the frames it reconstructs (rFVD); `stylegan_v` matches that paper family. The I3D
+    features are kept per clip (list states gathered with "cat" across processes), so the result is the same on
+    one process or many. `compute()` returns `fvd`, the same value under `fvd_<protocol>` (so every
     log and JSON that holds the value names the protocol beside it), `num_real`, `num_fake` and, with
     `bootstrap_samples > 0`, `fvd_low`/`fvd_high`: the percentile interval (`confidence`) of FVD over feature
     sets resampled with replacement, a measure of how much a small evaluation set's FVD would move. It warns when
@@ -158,7 +159,8 @@ class FVD(NetworkMetric):
         if protocol not in PROTOCOLS:
             raise ValueError(f"FVD protocol must be one of {PROTOCOLS}, got {protocol!r}")
         self.set_network("detector", detector if detector is not None else InceptionI3d.from_pretrained(weights_path))
-        self.bootstrap_samples, self.confidence, self.seed, self.protocol = bootstrap_samples, confidence, seed, protocol
+        self.bootstrap_samples, self.confidence = bootstrap_samples, confidence
+        self.seed, self.protocol = seed, protocol
         self.add_state("real_features", default=[], dist_reduce_fx="cat")
         self.add_state("fake_features", default=[], dist_reduce_fx="cat")
 

@@ -88,7 +88,8 @@ class LoaderHealthLogger(L.Callback):
         pl_module.log("data/skipped_fraction", t.total_skipped / max(t.seen, 1), sync_dist=sync, on_step=True,
                       on_epoch=False)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
         self._record(self._train, batch)
         if (trainer.global_step % max(trainer.log_every_n_steps, 1)) == 0:
             self._log(trainer, pl_module)
