@@ -97,6 +97,23 @@ def read_tracks(results: Mapping) -> tuple[list[int], dict[int, dict[int, Detect
     return list(range(min(times), max(times) + 1)), tracks  # a missing frame breaks every run
 
 
+def frame_names(results: Mapping) -> dict[int, str]:
+    """PHALP time -> the file name of the frame PHALP read (the results' keys are its frame paths)."""
+    times = [int(fr.get("time", i)) if isinstance(fr, Mapping) else i for i, fr in enumerate(results.values())]
+    return {t: Path(key).name for t, key in zip(times, results) if isinstance(key, str)}
+
+
+def check_frame_names(results: Mapping, source: FrameSource, frame_offset: int) -> None:
+    """In a frame folder, PHALP's time t must be the file PHALP named for it (`{t+1:06d}.jpg` when PHALP extracted
+    the frames): a different file means another folder, or a wrong --frame-offset."""
+    for t, name in sorted(frame_names(results).items()):
+        path = source.files.get(t + frame_offset)
+        if path is not None and path.name != name:
+            raise ValueError(f"PHALP time {t} is frame {name}, but file {t + frame_offset} of {source.path} (sorted "
+                             f"*.jpg, + --frame-offset {frame_offset}) is {path.name}: not the folder PHALP read, or "
+                             "a wrong --frame-offset")
+
+
 def clips(times: Sequence[int], tracks: Mapping[int, Mapping[int, Detection]], *, multi: bool, min_frames: int,
           max_frames: int | None) -> list[tuple[tuple[int, ...], list[int]]]:
     """(track ids, frame times) of each clip: per track, or (multi) per run of frames with the same visible tracks.
@@ -155,8 +172,12 @@ def _frame_K(size: tuple[int, int], source: FrameSource) -> np.ndarray:
     K = phalp_intrinsics(h, w)
     if (h, w) != (source.height, source.width):
         if abs(h / w - source.height / source.width) > 0.01:
-            raise ValueError(f"PHALP saw {h}x{w} frames but {source.path} is {source.height}x{source.width}: "
-                             "not the same video")
+            turned = source.rotation % 180 and abs(h / w - source.width / source.height) <= 0.01
+            why = (f"{source.path} is stored {source.width}x{source.height} and shown rotated by "
+                   f"{source.rotation} degrees: PHALP read it without applying the rotation; re-encode it upright "
+                   "or rerun PHALP on the rotated frames" if turned else "not the same video")
+            raise ValueError(f"PHALP saw {h}x{w} frames but {source.path} is {source.height}x{source.width} as "
+                             f"displayed: {why}")
         K = CropResize(h, w, source.height, source.width, 0, 0, source.height, source.width).apply_to_K(K)
     return source.crop.apply_to_K(K)
 
@@ -168,8 +189,12 @@ def convert(phalp: str | Path, video: str | Path, out: str | Path, *, min_frames
             body_model_dir: str | None = None) -> list[str]:
     """Convert one PHALP results file and its source video; returns the written shard paths."""
     check_lengths(min_frames, max_frames)
-    times, tracks = read_tracks(load_pickle(phalp))
-    source = FrameSource(video, fps=fps, max_side=max_side)
+    results = load_pickle(phalp)
+    times, tracks = read_tracks(results)
+    # A frame folder is indexed as PHALP indexes it: time t is the t-th of its sorted *.jpg files
+    source = FrameSource(video, fps=fps, max_side=max_side, by_position=True, suffixes=(".jpg",))
+    if source.data is None:
+        check_frame_names(results, source, frame_offset)
     subject = sanitize_key(subject or Path(video).stem)
     pelvis = PelvisModel(body_model_dir, gender) if body_model_dir else None
     meta = {"fps": source.fps, "gender": gender, "subject": subject, "source": SOURCE, "license": license,

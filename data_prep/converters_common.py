@@ -274,17 +274,21 @@ def check_lengths(min_frames: int, max_frames: int | None) -> None:
 class FrameSource:
     """Frames of a video file or an image folder, by 0-based index, optionally resized and cropped to even sizes.
 
-    Image folders index their files by the integer in the file name when every name is an integer (000123.jpg),
-    else by sorted position. Videos index by presentation order (isa4d.data.video).
+    Image folders index their files by the integer in the file name when every name is an integer (000123.jpg is
+    frame 123, EasyMocap's numbering), else, or with `by_position`, by sorted position among the `suffixes` files
+    (PHALP's: it tracks `sorted(glob("*.jpg"))` and names the k-th frame it extracts `{k+1:06d}.jpg`). Videos
+    index frames as players show them (isa4d.data.video: presentation order, rotation applied).
     """
 
-    def __init__(self, path, *, fps: float | None = None, max_side: int | None = None):
+    def __init__(self, path, *, fps: float | None = None, max_side: int | None = None, by_position: bool = False,
+                 suffixes: tuple[str, ...] = IMAGE_SUFFIXES):
         self.path = Path(path)
+        self.rotation = 0  # the video's display rotation (degrees counter-clockwise), applied when decoding
         if self.path.is_dir():
-            files = sorted(p for p in self.path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            files = sorted(p for p in self.path.iterdir() if p.suffix.lower() in suffixes)
             if not files:
-                raise FileNotFoundError(f"{self.path}: no {'/'.join(IMAGE_SUFFIXES)} images in this folder")
-            numbered = all(p.stem.isdigit() for p in files)
+                raise FileNotFoundError(f"{self.path}: no {'/'.join(suffixes)} images in this folder")
+            numbered = not by_position and all(p.stem.isdigit() for p in files)
             self.files = {int(p.stem) if numbered else i: p for i, p in enumerate(files)}
             with Image.open(files[0]) as im:
                 width, height = im.size
@@ -295,6 +299,7 @@ class FrameSource:
             self.data = self.path.read_bytes()
             info = videolib.probe(self.data)
             width, height, self.num_frames, fps = info.width, info.height, info.num_frames, fps or info.fps
+            self.rotation = info.rotation
         else:
             raise FileNotFoundError(f"{self.path}: no such video file or image folder")
         self.height, self.width, self.fps = int(height), int(width), float(fps)

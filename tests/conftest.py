@@ -16,7 +16,8 @@ from data_prep.make_toy_body import write_toy_body
 from data_prep.synthetic_shards import make_clip, write_shards
 from isa4d.data.contract import CameraSequence, ParsedSample, SMPLSequence, encode_sample, parse_sample
 from isa4d.data.shards import iter_samples
-from isa4d.data.video import encode_video
+from isa4d.data.video import VideoError, decode_frames, encode_video, probe
+from video_pathologies import flip_bit, mux
 
 # Frame sizes of the session's marker clips: landscape, portrait and square, for buckets of every aspect.
 MARKER_SIZES = ((64, 96), (96, 64), (80, 80))
@@ -93,8 +94,9 @@ def good_samples(small_clips) -> list[dict]:
 def defective_samples(small_clips) -> list[tuple[str, dict]]:
     """(reason the loader must give, sample) for each kind of defect; each sample's key names the defect.
 
-    All but `too_short` fail `parse_sample`; that one parses but has 10 frames, fewer than a window of 8 at
-    stride 2 needs (15).
+    All but `too_short` and `bad_bitflip` fail `parse_sample`. `too_short` parses but has 10 frames, fewer than a
+    window of 8 at stride 2 needs (15); `bad_bitflip` parses (its header is intact) but one flipped bit damages a
+    frame of its centred window, which only decoding finds.
     """
     clip = small_clips[1]
     smpl, cam, F = clip["smpl"], clip["cam"], clip["video"].shape[0]
@@ -132,6 +134,18 @@ def defective_samples(small_clips) -> list[tuple[str, dict]]:
     tiny = make_clip(rng, 48, 64, 10, 1, 25.0)
     out.append(("too_short", _arrays_sample("bad_tooshort", tiny, encode_video(tiny["video"], 25.0))))
     out.append(("frame_mismatch", sample("bad_bgsize", bg=np.zeros((F, 32, 48, 3), np.uint8))))
+    faststart = mux(clip["video"], faststart=True, rate=int(GOOD_META["fps"]))  # moov first: opens when cut
+    out.append(("undecodable", _arrays_sample("bad_truncated", clip, faststart[: len(faststart) * 3 // 4])))
+    window = list(range(4, 19))  # the centred window of 8 frames at stride 2 in 24 frames
+    while True:
+        flipped = flip_bit(clip["mp4"], rng)
+        try:
+            probe(flipped)
+            decode_frames(flipped, window)
+        except VideoError as e:
+            if "corrupt frame" in str(e):  # a damaged frame the decoder concealed, the case that went unnoticed
+                break
+    out.append(("undecodable", _arrays_sample("bad_bitflip", clip, flipped)))
     return out
 
 

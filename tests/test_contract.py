@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from isa4d.data.contract import (
     REASONS, CameraSequence, SampleError, SMPLSequence, encode_sample, npz_bytes, parse_sample,
@@ -53,6 +55,9 @@ def test_every_loader_defect_gives_its_reason(defective_samples):
     for reason, sample in defective_samples:
         if reason == "too_short":  # the clip is fine; only a window decides it is short (test_dataset)
             assert parse_sample(sample).info.num_frames == 10
+            continue
+        if sample["__key__"] == "bad_bitflip":  # the header is fine; decoding finds the damage (test_dataset)
+            assert parse_sample(sample).info.num_frames == 24
             continue
         _expect(sample, reason)
 
@@ -164,3 +169,49 @@ def test_encode_sample_encodes_arrays_and_writes_optional_keys(small_clips):
     optional = {"bg.mp4", "mask.mp4", "ref.png", "ref.npz"}
     assert set(s) == {"__key__", "mp4", "smpl.npz", "cam.npz", "json"} | optional
     assert parse_sample({k: v for k, v in s.items() if not k.startswith("ref")}).info.num_frames == 24
+
+
+def _axis_angle(norm: float) -> np.ndarray:
+    return np.array([0.6, 0.0, 0.8], np.float32) * norm
+
+
+@pytest.mark.parametrize("field_name,index,inside,outside,reason,match", [
+    ("body_pose", (1, 5, slice(21, 24)), _axis_angle(3.9 * np.pi), _axis_angle(1e30), "bad_value",
+     r"smpl\.npz\['body_pose'\]: axis-angle norm 1e\+30 rad at person 1, frame 5, joint 7"),
+    ("global_orient", (0, 3), _axis_angle(3.9 * np.pi), _axis_angle(4.1 * np.pi), "bad_value",
+     r"smpl\.npz\['global_orient'\]: axis-angle norm 12\.9 rad at person 0, frame 3"),
+    ("transl", (0, 2), np.float32([0, 0, 9e4]), np.float32([0, 0, 2e5]), "bad_value",
+     r"smpl\.npz\['transl'\]: translation 2e\+05 m at person 0, frame 2"),
+    ("betas", (1, 4), 45.0, -60.0, "bad_value", r"smpl\.npz\['betas'\]: shape coefficient 60 \(std\) at person 1"),
+    ("K", (7, 0, 0), 9e5, 2e6, "bad_camera", r"cam\.npz\['K'\]: focal length 2e\+06 px at frame 7"),
+    ("K", (7, 1, 1), 1.5, 0.5, "bad_camera", r"cam\.npz\['K'\]: focal length 0\.5 px at frame 7"),
+    ("K", (2, 0, 2), -9e4, 3e5, "bad_camera", r"cam\.npz\['K'\]: principal point coordinate 3e\+05 px at frame 2"),
+    ("w2c", (6, 2, 3), 9e4, 1e30, "bad_camera", r"cam\.npz\['w2c'\]: camera translation 1e\+30 m at frame 6"),
+])
+def test_magnitudes_are_bounded(clip, field_name, index, inside, outside, reason, match):
+    """Finite but absurd values (one body_pose of 1e30 turned training steps non-finite) are refused, naming the
+    sample, the array and the entry; values just inside each bound pass."""
+    smpl, cam = clip["smpl"], clip["cam"]
+    arrays = {"betas": smpl.betas, "global_orient": smpl.global_orient, "body_pose": smpl.body_pose,
+              "transl": smpl.transl, "K": cam.K, "w2c": cam.w2c}
+
+    def sample(value, key):
+        edited = {**arrays, field_name: _edited(arrays[field_name], index, value)}
+        body = SMPLSequence(*(edited[k] for k in ("betas", "global_orient", "body_pose", "transl")))
+        return _sample(clip, key, smpl=body, cam=CameraSequence(edited["K"], edited["w2c"]))
+
+    parse_sample(sample(inside, "inside"))
+    _expect(sample(outside, "outside"), reason, match)
+
+
+def test_reference_camera_is_bounded(clip):
+    smpl = clip["smpl"]
+    ref = {"K": clip["cam"].K[0], "w2c": _edited(clip["cam"].w2c[0], (0, 3), 5e5), "betas": smpl.betas,
+           "global_orient": smpl.global_orient[:, :1], "body_pose": smpl.body_pose[:, :1], "transl": smpl.transl[:, :1]}
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(buf, format="PNG")
+    _expect(_sample(clip, "refcam", ref_png=buf.getvalue(), ref_npz=ref), "bad_camera",
+            r"ref\.npz\['w2c'\]: camera translation 5e\+05 m")
+    body = {**ref, "w2c": clip["cam"].w2c[0], "body_pose": _edited(smpl.body_pose[:, :1], (0, 0, 0), 1e9)}
+    _expect(_sample(clip, "refbody", ref_png=buf.getvalue(), ref_npz=body), "bad_value",
+            r"ref\.npz\['body_pose'\]: axis-angle norm 1e\+09 rad at person 0, frame 0, joint 0")

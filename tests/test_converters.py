@@ -213,6 +213,46 @@ def test_phalp_multi(phalp_case, body, tmp_path, capsys):
     check_frames(s, uv[:, :, 0], list(range(2, 10)))
 
 
+def test_phalp_frame_folder_follows_phalp_numbering(phalp_case, body, tmp_path):
+    """PHALP's own frame folder names time t `{t+1:06d}.jpg`; the converter pairs time t with that file (the clip of
+    track 1 starts at t = 0, which has no 000000.jpg), and a folder whose files are not the ones PHALP named is
+    refused with both names."""
+    root, truth = phalp_case
+    folder = tmp_path / "img"
+    folder.mkdir()
+    for t, frame in enumerate(decode_all((root / "clip.mp4").read_bytes())):
+        Image.fromarray(frame).save(folder / f"{t + 1:06d}.jpg", quality=98)
+    out = tmp_path / "out"
+    paths = convert_phalp.convert(root / "demo_clip.pkl", folder, out, min_frames=8, fps=FPS)
+    samples = read_shards(paths)
+    s = samples["img_t1_000000"]
+    assert s.smpl.num_frames == 20 and s.meta["source_frames"] == [0, 20]
+    uv = sample_projection(body, s)[0]
+    assert np.abs(uv - np.stack([truth[1][t] for t in range(20)])).max() < TOL_PX
+    check_frames(s, uv[None, :, 0], list(range(20)))
+    (folder / "000001.jpg").rename(folder / "000000.jpg")  # numbered from 0: not PHALP's folder
+    with pytest.raises(ValueError, match="PHALP time 0 is frame 000001.jpg, but file 0 of .* is 000000.jpg"):
+        convert_phalp.convert(root / "demo_clip.pkl", folder, tmp_path / "bad", min_frames=8, fps=FPS)
+
+
+def test_phalp_rotated_video(phalp_case, body, tmp_path):
+    """A phone clip stored sideways with a display rotation: PHALP (through OpenCV) saw the upright frames, so the
+    converter must decode them upright too; its K then projects the bodies onto their markers. Without the
+    rotation, PHALP's 64x96 frames do not match the stored 96x64 ones."""
+    from video_pathologies import mux
+
+    root, truth = phalp_case
+    upright = decode_all((root / "clip.mp4").read_bytes())
+    stored = np.ascontiguousarray(np.rot90(upright, 1, axes=(1, 2)))  # sensor orientation; shown turned back
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(mux(stored, rotation=-90, rate=int(FPS)))
+    paths = convert_phalp.convert(root / "demo_clip.pkl", video, tmp_path / "out", min_frames=8)
+    s = read_shards(paths)["clip_t1_000000"]
+    uv = sample_projection(body, s)[0]
+    assert np.abs(uv - np.stack([truth[1][t] for t in range(20)])).max() < TOL_PX
+    check_frames(s, uv[None, :, 0], list(range(20)))
+
+
 def test_phalp_reads_joblib_files():
     """PHALP saves with joblib.dump(..., compress=3); the asset was written by joblib itself."""
     want = import_script(ASSETS, "make_joblib_fixture").expected()

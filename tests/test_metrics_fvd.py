@@ -133,3 +133,81 @@ def test_fvd_metric_reports_counts_bootstrap_and_keeps_detector_out_of_state_dic
     same.update(real, real=True)
     same.update(real, real=False)
     assert same.compute()["fvd"].item() == pytest.approx(0.0, abs=1e-8)
+
+
+class FirstFrameDetector(nn.Module):
+    """Features that identify which frames a clip was cut at: the mean of each of the 16 frames."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, 16, 224, 224) -> (B, 16)
+        return x.mean(dim=(1, 3, 4))
+
+
+def test_update_features_after_compute_is_not_ignored():
+    g = torch.Generator().manual_seed(1)
+    fvd = FVD(detector=PoolDetector())
+    real, fake = torch.randn(8, 5, generator=g), torch.randn(8, 5, generator=g) + 1
+    fvd.update_features(real, real=True)
+    fvd.update_features(fake, real=False)
+    first = fvd.compute()
+    fvd.update_features(fake + 3, real=False)  # before the fix the cached result came back, with 8 fake clips
+    second = fvd.compute()
+    assert second["num_fake"] == 16 and second["fvd"] != first["fvd"]
+    assert second["fvd"].item() == pytest.approx(frechet_distance_features(real, torch.cat([fake, fake + 3])).item())
+
+
+@pytest.mark.parametrize("protocol,ddof", [("stylegan_v", 0), ("tfgan", 1)])
+def test_protocol_covariance_and_its_name_beside_the_value(protocol, ddof):
+    """StyleGAN-V divides the covariance by N, TF-GAN by N - 1; the value is reported under its protocol's name
+    too, with the clip counts, and a warning below the documented minimum."""
+    g = torch.Generator().manual_seed(2)
+    real, fake = torch.randn(12, 6, generator=g), torch.randn(8, 6, generator=g) * 1.5 + 0.2
+    fvd = FVD(detector=PoolDetector(), protocol=protocol)
+    fvd.update_features(real, real=True)
+    fvd.update_features(fake, real=False)
+    with pytest.warns(UserWarning, match=rf"FVD \({protocol}\) from 12 real and 8 generated clips: below 400"):
+        out = fvd.compute()
+    mu_r, mu_f = real.double().mean(0), fake.double().mean(0)
+    cov_r = (real.double() - mu_r).T @ (real.double() - mu_r) / (12 - ddof)
+    cov_f = (fake.double() - mu_f).T @ (fake.double() - mu_f) / (8 - ddof)
+    assert out["fvd"].item() == pytest.approx(frechet_distance(mu_r, cov_r, mu_f, cov_f).item(), rel=1e-12)
+    assert out[f"fvd_{protocol}"] == out["fvd"] and (out["num_real"], out["num_fake"]) == (12, 8)
+    with pytest.raises(ValueError, match="protocol must be one of"):
+        FVD(detector=PoolDetector(), protocol="stylegan")
+
+
+def test_resizes_of_each_protocol_against_hand_computed_pixels():
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(1, 16, 3, 448, 448, generator=g) * 2 - 1
+    q = ((x + 1) * 127.5).round() / 127.5 - 1
+    # StyleGAN-V: half-pixel bilinear without antialiasing; a 2x reduction samples between two pixels: 2x2 means
+    ours = preprocess_clips(x, protocol="stylegan_v")[0, :, 0]  # (3, 224, 224)
+    box = q[0, 0].unfold(1, 2, 2).unfold(2, 2, 2).mean(dim=(-1, -2))
+    torch.testing.assert_close(ours, box, atol=1e-6, rtol=0)
+    antialiased = nn.functional.interpolate(q[0, :1], size=(224, 224), mode="bilinear", antialias=True)[0]
+    assert (antialiased - box).abs().max() > 0.05  # the old resize was another filter
+    # TF1 resize_bilinear: output pixel i samples source pixel 2i exactly (no half-pixel offset)
+    torch.testing.assert_close(preprocess_clips(x, protocol="tfgan")[0, :, 0], q[0, 0, :, ::2, ::2], atol=1e-6, rtol=0)
+    # and enlarging 2 -> 4 samples 0, 0.5, 1, 1 (clamped)
+    small = torch.tensor([[[[-1.0, 1.0], [1.0, 1.0]]]])
+    from isa4d.metrics.fvd import resize_tf1_bilinear
+
+    torch.testing.assert_close(resize_tf1_bilinear(small, 4)[0, 0, 0], torch.tensor([-1.0, 0.0, 1.0, 1.0]))
+
+
+def test_stylegan_v_cuts_real_clips_at_reproducible_random_offsets():
+    """Real clips longer than 16 frames start at a pseudo-random frame drawn from their own pixels (the same on
+    any process, in any order); generated clips, and every clip under tfgan, start at frame 0."""
+    frames = torch.linspace(-1, 1, 24)  # frame t is uniformly frames[t]
+    g = torch.Generator().manual_seed(6)
+    clips = frames[None, :, None, None, None] + torch.rand(32, 1, 3, 8, 8, generator=g) * 0.01  # (32, 24, 3, 8, 8)
+
+    def starts(protocol, real, order=None):
+        fvd = FVD(detector=FirstFrameDetector(), protocol=protocol)
+        first = fvd.features(clips if order is None else clips[order], real=real)[:, 0]
+        q = ((frames + 1) * 127.5).round() / 127.5 - 1
+        return (first[:, None] - q[None].double()).abs().argmin(dim=1)
+
+    offsets = starts("stylegan_v", real=True)
+    assert offsets.min() >= 0 and offsets.max() <= 8 and len(set(offsets.tolist())) >= 5
+    assert torch.equal(starts("stylegan_v", real=True, order=torch.arange(31, -1, -1)), offsets.flip(0))
+    assert not starts("stylegan_v", real=False).any() and not starts("tfgan", real=True).any()

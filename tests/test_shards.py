@@ -51,6 +51,9 @@ def test_expand_urls_brace_patterns_globs_and_lists(tmp_path):
     assert expand_urls(str(tmp_path / "tiny-*.tar")) == paths
     with pytest.raises(ValueError, match="no shard URLs"):
         expand_urls([])
+    missing = str(tmp_path / "nothing-*.tar")  # one pattern of several matching nothing is named, not dropped
+    with pytest.raises(ValueError, match=r"^no shard URLs in '.*nothing-\*\.tar': the pattern matches no file$"):
+        expand_urls([str(tmp_path / "tiny-*.tar"), missing])
 
 
 def test_every_url_form_reads_the_same_samples(marker_shards):

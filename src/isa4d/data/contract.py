@@ -23,6 +23,14 @@ GENDERS = ("neutral", "male", "female")
 NUM_BETAS = 10
 NUM_BODY_POSE = 69  # 23 joints x axis-angle
 
+# Magnitude bounds (docs/data_format.md, "Bounds"). Finite is not enough: one body_pose of 1e30 passes a NaN check
+# and turns a training step non-finite. Each bound is far outside real data and far inside float32's range.
+MAX_ROTATION = 4 * np.pi  # axis-angle norm, radians: a rotation needs at most pi; unwrapped tracks drift past it
+MAX_BETA = 50.0  # |beta_k|: SMPL's shape space is in standard deviations of its training bodies
+MAX_TRANSLATION = 1e5  # metres, |transl| and |w2c translation|: PHALP's depth of a 10-pixel person in 4K is ~13 km
+MIN_FOCAL, MAX_FOCAL = 1.0, 1e6  # pixels: PHALP's focal on a 4K frame is 75000
+MAX_PRINCIPAL_POINT = 1e5  # pixels, |cx|, |cy|: crops move it, never this far
+
 # Reasons a sample is skipped; the loader counts each under data/skipped/<reason>.
 REASONS = (
     "missing_key", "malformed", "bad_shape", "nonfinite", "frame_mismatch", "undecodable", "too_short",
@@ -137,6 +145,31 @@ def _array(arrays: Mapping[str, np.ndarray], name: str, field_name: str, shape: 
     return a.astype(np.float32)
 
 
+def _check_bound(values: np.ndarray, bound: float, name: str, field_name: str, quantity: str, unit: str, key: str,
+                 reason: str = "bad_value", where: str = "person {0}, frame {1}", lower: float | None = None) -> None:
+    """SampleError naming the sample, the array and the first entry whose `values` exceed `bound` (or fall below
+    `lower`); `where` formats that entry's index."""
+    bad = values > bound if lower is None else (values > bound) | (values < lower)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        limits = f"at most {bound:.4g} {unit}" if lower is None else f"{lower:.4g} to {bound:.4g} {unit}"
+        raise SampleError(reason, f"{name}['{field_name}']: {quantity} {float(values[first]):.3g} {unit} at "
+                          f"{where.format(*first)}, outside the contract's bound ({limits}; docs/data_format.md)", key)
+
+
+def _norm(x: np.ndarray) -> np.ndarray:
+    return np.linalg.norm(x.astype(np.float64), axis=-1)  # float64: the norm of 1e30 in float32 overflows
+
+
+def _check_smpl_bounds(betas: np.ndarray, go: np.ndarray, bp: np.ndarray, transl: np.ndarray, name: str, key: str) -> None:
+    _check_bound(np.abs(betas).max(axis=-1), MAX_BETA, name, "betas", "shape coefficient", "(std)", key,
+                 where="person {0}")
+    _check_bound(_norm(go), MAX_ROTATION, name, "global_orient", "axis-angle norm", "rad", key)
+    _check_bound(_norm(bp.reshape(*bp.shape[:-1], -1, 3)), MAX_ROTATION, name, "body_pose", "axis-angle norm", "rad",
+                 key, where="person {0}, frame {1}, joint {2}")
+    _check_bound(_norm(transl), MAX_TRANSLATION, name, "transl", "translation", "m", key)
+
+
 def parse_smpl(data: bytes, key: str, name: str = "smpl.npz", num_frames: int | None = None) -> SMPLSequence:
     z = load_npz(data, name, key)
     betas = _array(z, name, "betas", (None, None), key)
@@ -149,7 +182,9 @@ def parse_smpl(data: bytes, key: str, name: str = "smpl.npz", num_frames: int | 
     F = transl.shape[1]
     go = _array(z, name, "global_orient", (P, F, 3), key)
     bp = _array(z, name, "body_pose", (P, F, NUM_BODY_POSE), key)
-    return SMPLSequence(betas[:, :NUM_BETAS], go, bp, transl)
+    betas = betas[:, :NUM_BETAS]
+    _check_smpl_bounds(betas, go, bp, transl, name, key)
+    return SMPLSequence(betas, go, bp, transl)
 
 
 def parse_cameras(data: bytes, key: str, num_frames: int) -> CameraSequence:
@@ -163,6 +198,7 @@ def parse_cameras(data: bytes, key: str, num_frames: int) -> CameraSequence:
     bad = np.flatnonzero(~is_rigid(w2c.astype(np.float64)))
     if bad.size:
         raise SampleError("bad_camera", f"cam.npz['w2c'] is not a rigid transform at frame(s) {bad[:5].tolist()}", key)
+    check_extrinsics(w2c, key, "cam.npz")
     return CameraSequence(K, w2c)
 
 
@@ -172,6 +208,18 @@ def check_intrinsics(K: np.ndarray, key: str, name: str) -> None:
     lower = np.abs(K[..., 1, 0])
     if (fx <= 0).any() or (fy <= 0).any() or (last > 1e-6).any() or (lower > 1e-6).any() or (np.abs(skew) > 1e-3 * fx).any():
         raise SampleError("bad_camera", f"{name} is not a pinhole intrinsic matrix [[fx,0,cx],[0,fy,cy],[0,0,1]] with fx, fy > 0", key)
+    file, field_name = name.split("[")[0], name.split("'")[1]
+    where = "frame {0}" if K.ndim == 3 else "{0}"
+    K = K.reshape(-1, 3, 3).astype(np.float64)
+    _check_bound(np.stack([K[:, 0, 0], K[:, 1, 1]], -1), MAX_FOCAL, file, field_name, "focal length", "px", key,
+                 "bad_camera", where, MIN_FOCAL)
+    _check_bound(np.abs(K[:, :2, 2]), MAX_PRINCIPAL_POINT, file, field_name, "principal point coordinate", "px", key,
+                 "bad_camera", where)
+
+
+def check_extrinsics(w2c: np.ndarray, key: str, file: str) -> None:
+    _check_bound(_norm(w2c.reshape(-1, 4, 4)[:, :3, 3]), MAX_TRANSLATION, file, "w2c", "camera translation", "m", key,
+                 "bad_camera", "frame {0}" if w2c.ndim == 3 else "{0}")
 
 
 def parse_meta(data: bytes, key: str) -> dict[str, Any]:
@@ -239,6 +287,7 @@ def parse_reference(image: bytes, data: bytes, key: str, num_people: int) -> Ref
     check_intrinsics(K, key, "ref.npz['K']")
     if not is_rigid(w2c.astype(np.float64)):
         raise SampleError("bad_camera", "ref.npz['w2c'] is not a rigid transform", key)
+    check_extrinsics(w2c, key, "ref.npz")
     smpl = None
     if "transl" in z:
         smpl = parse_smpl(data, key, "ref.npz", num_frames=1)

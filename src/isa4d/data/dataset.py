@@ -44,18 +44,34 @@ class DataQualityError(RuntimeError):
 
 
 class SkipCounter:
-    """Counts samples seen and skipped by reason; raises DataQualityError past `max_fraction`."""
+    """Counts samples seen and skipped by reason; raises DataQualityError past `max_fraction`.
 
-    def __init__(self, max_fraction: float, min_samples: int, max_shard_errors_in_row: int = 20):
+    Only the first `warn_first` skips of each reason (and shard errors) are logged as warnings, the next one with
+    a note that further ones are only counted, the rest at DEBUG: a large corpus with a steady trickle of bad
+    clips would otherwise print a line per clip. The counts ride on every batch (`state`), and the training
+    callback LoaderHealthLogger prints them once at the end of fit.
+    """
+
+    def __init__(self, max_fraction: float, min_samples: int, max_shard_errors_in_row: int = 20, warn_first: int = 3):
         self.max_fraction, self.min_samples = max_fraction, min_samples
         self.seen, self.skipped, self.shard_errors = 0, Counter(), 0
         self.errors_in_row, self.max_errors_in_row = 0, max_shard_errors_in_row
+        self.warn_first = warn_first
         self.last: str = ""
+
+    def _warn(self, count: int, what: str, msg: str, *args: Any) -> None:
+        if count <= self.warn_first:
+            log.warning(msg, *args)
+        elif count == self.warn_first + 1:
+            log.warning(msg + " (more %s in this loader worker are counted, not logged: see the data-health "
+                        "summary at the end of fit)", *args, what)
+        else:
+            log.debug(msg, *args)
 
     def skip(self, reason: str, message: str) -> None:
         self.skipped[reason] += 1
         self.last = message
-        log.warning("skipping sample %s [data/skipped/%s]", message, reason)
+        self._warn(self.skipped[reason], f"'{reason}' skips", "skipping sample %s [data/skipped/%s]", message, reason)
         total = sum(self.skipped.values())
         if self.seen >= self.min_samples and total > self.max_fraction * self.seen:
             raise DataQualityError(
@@ -66,7 +82,8 @@ class SkipCounter:
     def shard_error(self, url: str, exn: Exception) -> None:
         self.shard_errors += 1
         self.errors_in_row += 1
-        log.warning("shard %s failed: %s: %s [data/shard_errors]", url, type(exn).__name__, exn)
+        self._warn(self.shard_errors, "shard errors", "shard %s failed: %s: %s [data/shard_errors]", url,
+                   type(exn).__name__, exn)
         if self.errors_in_row > self.max_errors_in_row:
             raise DataQualityError(f"{self.errors_in_row} shards in a row failed to read; last {url}: {type(exn).__name__}: {exn}")
 

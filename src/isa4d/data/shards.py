@@ -21,7 +21,13 @@ def expand_urls(urls: str | Sequence[str]) -> list[str]:
     out = []
     for u in (u for p in patterns for u in braceexpand.braceexpand(p)):
         local = "://" not in u and not u.startswith("pipe:")
-        out.extend(sorted(glob.glob(u)) if local and glob.has_magic(u) else [u])
+        if local and glob.has_magic(u):
+            found = sorted(glob.glob(u))
+            if not found:  # one line naming the pattern, not a silently shorter list
+                raise ValueError(f"no shard URLs in {u!r}: the pattern matches no file")
+            out.extend(found)
+        else:
+            out.append(u)
     if not out:
         raise ValueError(f"no shard URLs in {urls!r}")
     return out
