@@ -165,3 +165,18 @@ def test_resuming_ordered_epochs_is_refused(tmp_path):
     _trainer(tmp_path, 2, [TrainingRNG(), _ckpt()]).fit(Regressor(), datamodule=Ordered())
     with pytest.raises(ValueError, match="resampled=false: ordered epochs restart on resume"):
         _trainer(tmp_path, 4, [TrainingRNG(), _ckpt()]).fit(Regressor(), datamodule=Ordered(), ckpt_path="last")
+
+
+def test_hparams_yaml_holds_the_run_config(tmp_path):
+    import yaml
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from isa4d.training.callbacks import ConfigHparams
+
+    logger = TensorBoardLogger(tmp_path, name="run", version=0)
+    config = {"model": {"class_path": "Regressor", "init_args": {"lr": 0.1}}, "trainer": {"max_steps": 2}}
+    (tmp_path / "run/version_0").mkdir(parents=True)
+    (tmp_path / "run/version_0/config.yaml").write_text(yaml.safe_dump(config))  # as LightningCLI saves it
+    L.Trainer(max_steps=2, callbacks=[ConfigHparams()], logger=logger, enable_progress_bar=False,
+              enable_model_summary=False, enable_checkpointing=False).fit(Regressor(), _loader())
+    assert yaml.safe_load((tmp_path / "run/version_0/hparams.yaml").read_text()) == config

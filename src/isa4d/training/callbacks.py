@@ -23,3 +23,27 @@ class LoaderHealthLogger(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if (trainer.global_step % max(trainer.log_every_n_steps, 1)) == 0:
             self._log(trainer, pl_module)
+
+
+class ConfigHparams(L.Callback):
+    """Logs the run's resolved configuration (the `config.yaml` LightningCLI saves in the log folder) as the loggers'
+    hyperparameters, so TensorBoard's `hparams.yaml` holds it: the modules are built from the config by
+    LightningCLI and call no `save_hyperparameters`, which left that file empty."""
+
+    def __init__(self, filename: str = "config.yaml"):
+        self.filename = filename
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import os
+
+        import yaml
+
+        if not trainer.is_global_zero or trainer.log_dir is None:
+            return
+        path = os.path.join(trainer.log_dir, self.filename)
+        if not os.path.isfile(path):
+            return
+        with open(path) as f:
+            config = yaml.safe_load(f) or {}
+        for logger in trainer.loggers:
+            logger.log_hyperparams(config)
