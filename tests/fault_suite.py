@@ -145,6 +145,9 @@ def trial(case: str, tmp: Path, shards: str, rng: random.Random, timeout: float 
         time.sleep(1)  # loader workers and rank 1 leave after rank 0
         log.close()
     last = run_dir / "checkpoints/last.ckpt"
+    store = run_dir / "checkpoints/.store"
+    mid_save = " (killed mid-save: a .partial was left)" if any(
+        p.name.endswith(".partial") for p in (store.iterdir() if store.is_dir() else [])) else ""
     try:
         step = saved_step(last)
     except Exception as e:  # noqa: BLE001 - any failure to read it is a corrupt checkpoint
@@ -161,7 +164,8 @@ def trial(case: str, tmp: Path, shards: str, rng: random.Random, timeout: float 
         return Trial(case, "corrupt load", f"resume rc {res.returncode}: {out.strip().splitlines()[-1:]}")
     if "Restoring states from the checkpoint path" not in out or saved_step(last) != step + 1:
         return Trial(case, "from scratch", f"saved step {step}, resumed to {saved_step(last)}")
-    return Trial(case, "resumed", f"{sig.name} at step {seen} ({target}): rc {rc}, resumed from step {step}")
+    return Trial(case, "resumed",
+                 f"{sig.name} at step {seen} ({target}): rc {rc}, resumed from step {step}{mid_save}")
 
 
 def run_trials(cases: list[str], trials: int, seed: int = 0, verbose: bool = True) -> dict[str, list[Trial]]:
