@@ -181,9 +181,9 @@ class Preemption(L.Callback):
     with PREEMPTED_EXIT_CODE; requeue the SLURM job first when `requeue`.
 
     The handler replaces Lightning's SIGTERM handler, which broadcasts inside the handler (ranks then wait on each
-    other at different points: the 2-process hang) and ends the run with status 0 without saving. Loader workers
-    forked from a process inherit the handler and ignore the signal (only the process that installed it acts), so
-    a signal sent to the whole process group does not kill them under the loader."""
+    other at different points: the 2-process hang) and ends the run with status 0 without saving. DataLoader
+    workers started during the run ignore the signals (`_loader_workers_ignore`), so a signal sent to the whole
+    process group does not kill them under the loader; the main process acts for them."""
 
     def __init__(self, signals: list[str] | None = None, requeue: bool = True):
         self.signals = [getattr(signal, s) if isinstance(s, str) else signal.Signals(s)
