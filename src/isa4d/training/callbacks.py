@@ -38,9 +38,10 @@ class ConfigHparams(L.Callback):
 
         import yaml
 
-        if not trainer.is_global_zero or trainer.log_dir is None:
+        log_dir = trainer.log_dir  # a broadcast from rank 0: every rank asks
+        if not trainer.is_global_zero or log_dir is None:
             return
-        path = os.path.join(trainer.log_dir, self.filename)
+        path = os.path.join(log_dir, self.filename)
         if not os.path.isfile(path):
             return
         with open(path) as f:
