@@ -184,6 +184,19 @@ def run_trials(cases: list[str], trials: int, seed: int = 0, verbose: bool = Tru
     return results
 
 
+def read_trials(logs: list[str]) -> dict[str, list[Trial]]:
+    """The trials printed by run_trials (`case  i  outcome  detail` lines) in saved outputs."""
+    results: dict[str, list[Trial]] = {}
+    for log in logs:
+        for line in Path(log).read_text().splitlines():
+            parts = line.split(maxsplit=2)
+            if len(parts) == 3 and parts[0] in CASES and parts[1].isdigit():
+                outcome = next((o for o in OUTCOMES if parts[2].startswith(o)), None)
+                if outcome is not None:
+                    results.setdefault(parts[0], []).append(Trial(parts[0], outcome, parts[2][len(outcome):].strip()))
+    return {c: results[c] for c in CASES if c in results}
+
+
 def table(results: dict[str, list[Trial]]) -> str:
     rows = ["| case | trials | " + " | ".join(OUTCOMES) + " |", "|---|---:|" + "---:|" * len(OUTCOMES)]
     for case, ts in results.items():
@@ -197,7 +210,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=10, help="trials per case")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tabulate", nargs="+", metavar="LOG", help="print the table of the trial lines in these "
+                        "saved outputs (several runs, or one stopped early) instead of running trials")
     args = parser.parse_args(argv)
+    if args.tabulate:
+        print(table(read_trials(args.tabulate)))
+        return 0
     results = run_trials(args.cases, args.trials, args.seed)
     print(table(results))
     return 0 if all(t.outcome == "resumed" for ts in results.values() for t in ts) else 1
