@@ -100,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["data"]:
         return _data(args[1:])
+    if args[:1] == ["predict"]:  # VAEModule has no predict step; stage 2's prediction is `isa4d sample`
+        print("isa4d: no `predict` command: `isa4d sample` writes stage 2's videos (docs/inference.md); "
+              "`isa4d validate` / `isa4d test` score either stage", file=sys.stderr)
+        return 2
     if args[:1] == ["sample"]:  # `isa4d predict` + the callback that writes the videos (docs/inference.md)
         run_cli(["predict", *args[1:], "--trainer.callbacks+=isa4d.inference.writer.SampleWriter"], save_config=False)
         return 0

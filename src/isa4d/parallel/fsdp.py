@@ -5,7 +5,8 @@ For each wrap unit the model declares (`fsdp_units()`, deepest first), then for 
     1. activation checkpointing   per unit ('none' | 'full' | 'selective': keep matmul/conv/attention outputs,
                                   recompute the cheap element-wise and norm ops in between)
     2. torch.compile              per unit
-    3. fully_shard                per unit, then the model (the root)
+    3. fully_shard                per unit, then the model (the root); a unit's outputs that are views are
+                                  copied first (FSDP2 hooks its backward all-gather on them)
 
 so a unit runs FSDP(compile(checkpoint(forward))), torchtitan's nesting (checkpointing and compile apply to the
 units that hold no other unit): FSDP's gather and free stay outside the
@@ -169,6 +170,10 @@ def parallelize(module: nn.Module, *, device_mesh: DeviceMesh,
     cast = getattr(module, "fsdp_cast_inputs", True)
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
                                   cast_forward_inputs=cast) if bf16 else MixedPrecisionPolicy()
+    for unit in [*units, module]:  # before fully_shard, so these hooks run ahead of FSDP's post-forward
+        if not getattr(unit, "_isa4d_owns_outputs", False):
+            unit.register_forward_hook(_own_outputs)
+            unit._isa4d_owns_outputs = True
     for unit in units:  # 3.
         fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward,
                     ignored_params=ignored & set(unit.parameters()) or None)
@@ -180,6 +185,16 @@ def parallelize(module: nn.Module, *, device_mesh: DeviceMesh,
     for name in getattr(module, "fsdp_forward_methods", ()):
         register_fsdp_forward_method(module, name)
     return module
+
+
+def _own_outputs(module: nn.Module, args: Any, output: Any) -> Any:
+    """A wrapped unit's outputs that are views (a temporal upsampler's frame slice) copied into tensors of their
+    own: FSDP2 hooks the pre-backward all-gather on the outputs, and an in-place op on a view would drop that
+    hook (FSDP's "returned a view tensor" warning). Costs a copy only where an output is a view, in training."""
+    if not torch.is_grad_enabled():
+        return output
+    return torch.utils._pytree.tree_map_only(
+        torch.Tensor, lambda t: t.clone() if t._base is not None and t.requires_grad else t, output)
 
 
 def configure_parallel(pl_module: Any, *, trainable: Sequence[nn.Module], frozen: Sequence[nn.Module] = (),

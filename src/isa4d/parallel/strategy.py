@@ -21,6 +21,8 @@ from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from isa4d.training.checkpoint import check_sharded, load_torch_file
+
 log = logging.getLogger("isa4d.parallel")
 MARKER = "__isa4d_dtensor__"  # meta.pt stand-in for a DTensor saved in the DCP folder
 EXTRA_KEY = "sharded_extra"  # the DCP entry that holds them
@@ -146,6 +148,7 @@ class FSDP2Strategy(ModelParallelStrategy):
                                     f"checkpoint (a save interrupted before it finished?)")
         if path.is_file():
             return self._load_full_checkpoint(path, weights_only)
+        check_sharded(path)  # a missing or short shard: one line naming it, before DCP's per-rank tracebacks
         metadata = self._load_sharded_checkpoint(path, weights_only)
         markers = find_markers(metadata)
         if not markers:
@@ -193,7 +196,7 @@ class FSDP2Strategy(ModelParallelStrategy):
             load(optim_state, checkpoint_id=path)
             set_optimizer_state_dict(self.model, optimizer, optim_state_dict=optim_state[key],
                                      options=StateDictOptions(cpu_offload=True))
-        return torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
+        return load_torch_file(path / _METADATA_FILENAME, "checkpoint metadata", weights_only=weights_only)
 
     def _load_full_checkpoint(self, path: Path, weights_only: bool | None) -> dict[str, Any]:
         """A single-file checkpoint (a one-device run, or save_distributed_checkpoint=False) into the sharded
@@ -203,7 +206,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         from lightning.fabric.strategies.model_parallel import _load_raw_module_state
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only)
+        checkpoint = load_torch_file(path, map_location="cpu", mmap=True, weights_only=weights_only)
         strict = self.lightning_module.strict_loading
         _load_raw_module_state(checkpoint.pop("state_dict"), self.model, strict=strict)
         names = {id(p): n for n, p in self.model.named_parameters()}

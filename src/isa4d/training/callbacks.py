@@ -112,3 +112,27 @@ class LoaderHealthLogger(L.Callback):
         if trainer.is_global_zero:
             rank_zero_info(self.line(train, val))
 
+
+class ConfigHparams(L.Callback):
+    """Logs the run's resolved configuration (the `config.yaml` LightningCLI saves in the log folder) as the loggers'
+    hyperparameters, so TensorBoard's `hparams.yaml` holds it: the modules are built from the config by
+    LightningCLI and call no `save_hyperparameters`, which left that file empty."""
+
+    def __init__(self, filename: str = "config.yaml"):
+        self.filename = filename
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import os
+
+        import yaml
+
+        log_dir = trainer.log_dir  # a broadcast from rank 0: every rank asks
+        if not trainer.is_global_zero or log_dir is None:
+            return
+        path = os.path.join(log_dir, self.filename)
+        if not os.path.isfile(path):
+            return
+        with open(path) as f:
+            config = yaml.safe_load(f) or {}
+        for logger in trainer.loggers:
+            logger.log_hyperparams(config)

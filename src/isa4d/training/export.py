@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 
 from isa4d.parallel.strategy import EXTRA_KEY, MARKER, find_markers
+from isa4d.training.checkpoint import CheckpointError, check_sharded, load_torch_file
 
 META_FILE = "meta.pt"
 
@@ -32,20 +34,23 @@ def _read_dcp(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tens
     if not (path / META_FILE).is_file() or not (path / ".metadata").is_file():
         raise FileNotFoundError(f"{path} is not a complete sharded checkpoint (no {META_FILE} or .metadata): "
                                 f"a save that did not finish?")
+    check_sharded(path)
     reader = FileSystemReader(str(path))
     available = {k.split(".")[0] for k in reader.read_metadata().state_dict_metadata}
     keys = {"state_dict"} | ({EXTRA_KEY} & available)
     state: dict[str, Any] = {}
     _load_state_dict(state, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True)
-    meta = torch.load(path / META_FILE, map_location="cpu", weights_only=True)
+    meta = load_torch_file(path / META_FILE, "checkpoint metadata", map_location="cpu", weights_only=True)
     return state["state_dict"], state.get(EXTRA_KEY, {}), meta
 
 
 def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = load_torch_file(path, map_location="cpu", weights_only=True)
+    except (CheckpointError, FileNotFoundError):
+        raise
     except Exception:  # older checkpoints with pickled objects (hyperparameters): trusted local files only
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = load_torch_file(path, map_location="cpu", weights_only=False)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ValueError(f"{path}: not a Lightning checkpoint (no state_dict)")
     return ckpt.pop("state_dict"), {}, ckpt
@@ -73,6 +78,9 @@ def _ema_state(meta: dict[str, Any], extras: dict[str, torch.Tensor]
 def read_weights(path: str | Path, ema: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The module's weights (EMA ones swapped in with `ema`) and the checkpoint's metadata (meta.pt / file)."""
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise FileNotFoundError(f"{path} is a link to {os.readlink(path)}, which does not exist (the checkpoint "
+                                f"folder copied without its .store/?)")
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     weights, extras, meta = _read_dcp(path) if path.is_dir() else _read_file(path)

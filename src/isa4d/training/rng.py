@@ -59,6 +59,16 @@ class TrainingRNG(L.Callback):
         self._snapshot: dict[str, Any] | None = None
         self._loaded: list[dict[str, Any]] | None = None
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Refuse a mid-run resume on ordered epochs: their clip order does not follow from the step, so the
+        resumed run would start the epoch over (repeating its first clips) instead of continuing it."""
+        datamodule = getattr(trainer, "datamodule", None)
+        if trainer.ckpt_path is not None and trainer.global_step > 0 and getattr(datamodule, "resampled", True) is False:
+            raise ValueError(
+                f"cannot resume {trainer.ckpt_path} (step {trainer.global_step}) exactly with data.resampled=false: "
+                f"ordered epochs restart on resume and would repeat the clips already trained on; train with "
+                f"--data.init_args.resampled=true (the default: resumes at the step's batch) or start a new run")
+
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         if self._loaded is not None:

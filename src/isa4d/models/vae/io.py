@@ -34,9 +34,13 @@ def load_vae(path: str | Path, config: dict | None = None, map_location: str | t
 
         if ema:
             raise ValueError(f"{path}: a .safetensors file holds one set of weights; export it with --ema instead")
-        state = load_file(str(path), device="cpu")
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+        try:
+            state = load_file(str(path), device="cpu")
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+        except Exception as e:  # noqa: BLE001 - safetensors' errors do not name the file
+            raise ValueError(f"{path}: cannot read this .safetensors file (truncated or another format?): "
+                             f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
         stored_config = json.loads(meta["vae_config"]) if "vae_config" in meta else None
     else:  # a Lightning .ckpt file or a sharded checkpoint folder
         from isa4d.training.export import read_weights
