@@ -215,9 +215,9 @@ def test_a_fit_in_a_log_has_start_progress_and_end_lines_and_no_upstream_noise(c
     env = {**os.environ, "ISA4D_PROGRESS_SECONDS": "0",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"), str(ROOT)])}
     env.pop("ISA4D_DEBUG", None)
-    res = subprocess.run([sys.executable, "-m", "isa4d.cli", "fit", *_args(cli_shards, tmp_path, "--trainer.max_steps=4",
-                                                                         "--trainer.val_check_interval=4")],
-                         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)  # stdout is a pipe
+    args = _args(cli_shards, tmp_path, "--trainer.max_steps=4", "--trainer.val_check_interval=4")
+    res = subprocess.run([sys.executable, "-m", "isa4d.cli", "fit", *args], capture_output=True, text=True, timeout=300,
+                         env=env, cwd=tmp_path)  # stdout is a pipe: not a terminal
     log = res.stdout + res.stderr
     assert res.returncode == 0, log[-4000:]
     assert re.search(r"^isa4d fit: BatchProbe, \d+ parameters \| data train .*markers-\*\.tar.* \| cpu x1, 32-true "

@@ -275,13 +275,15 @@ def explain_parse_error(message: str, parser=None) -> str:
         return f"{what} not found: {os.path.relpath(missing.group(1))}"
     expected = re.search(r"Expected a (.+?)\. Got value: (.+)", message)
     if expected and inner_keys:
-        return f"--{prefix}{inner_keys[-1]}: expected {_type_name(expected.group(1))}, got {expected.group(2).strip()!r}"
+        got = expected.group(2).strip()
+        return f"--{prefix}{inner_keys[-1]}: expected {_type_name(expected.group(1))}, got {got!r}"
     required = re.search(r"arguments are required: (.+)", message)
     if required:  # a model preset alone, or a data config alone: name the config to add (README "Training")
         names = [n.strip().split(".")[-1] for n in required.group(1).split(",")]
         hint = {"data": "no data config: add one after the model preset, e.g. -c configs/data/toy.yaml "
                         "(configs/data/ holds them)",
-                "model": "no model config: add a stage preset, e.g. -c configs/vae/tiny.yaml or -c configs/dit/tiny.yaml"}
+                "model": "no model config: add a stage preset, e.g. -c configs/vae/tiny.yaml or "
+                         "-c configs/dit/tiny.yaml"}
         return "; ".join(hint.get(n, f"--{n} is required") for n in names)
     invalid_choice = re.search(r"invalid choice: '([^']+)'", message)
     if invalid_choice:
@@ -291,9 +293,9 @@ def explain_parse_error(message: str, parser=None) -> str:
                "; isa4d --help lists the commands"
     # anything else: the innermost reason, named by its key
     lines = [ln.strip(" -") for ln in message.splitlines() if ln.strip()]
-    lines = [ln for ln in lines if not ln.startswith(("Given value", "Subtypes", "Errors:", "Expected a <class 'NoneType'>",
-                                                      "Does not validate", "Problem with given class_path",
-                                                      "Parser key"))]
+    meta = ("Given value", "Subtypes", "Errors:", "Expected a <class 'NoneType'>", "Does not validate",
+            "Problem with given class_path", "Parser key")
+    lines = [ln for ln in lines if not ln.startswith(meta)]
     reason = lines[-1] if lines else message.strip().splitlines()[0]
     key = f"--{prefix}{inner_keys[-1]}: " if inner_keys else ""
     return _type_name(key + reason)
