@@ -21,7 +21,7 @@ DIT_RUN_DIR ?= runs/dit_$(DIT)
 # the stage-1 checkpoint the DiT preset names (configs/dit/*.yaml: vae_checkpoint); override with VAE_CKPT=...
 VAE_CKPT ?= $(shell sed -n 's/^ *vae_checkpoint: *//p' configs/dit/$(DIT).yaml)
 
-.PHONY: help setup test test-all demo data toy-body inspect cache-latents train-vae train-dit eval sample bench bench-data bench-vae bench-dit bench-dit-parts clean
+.PHONY: help setup test test-all demo data toy-body inspect cache-latents train-vae train-dit eval sample bench bench-data bench-vae bench-dit bench-dit-parts timings clean
 
 # the variables `make help` shows with their values (and expands inside the targets' descriptions)
 HELP_VARS := DATA PRESET VAE DIT DATA_CFG TRAINER RUN_DIR DIT_RUN_DIR VAE_CKPT LATENTS EVAL_DIR SAMPLE_CFG \
@@ -148,6 +148,11 @@ bench-dit-parts: setup ## ISA-DiT time by block part, attention kernel per shape
 
 bench-data: setup ## loader clips/s per worker for 256x256x33 h264 clips; appends to docs/benchmarks.md
 	$(PY) bench/bench_data.py
+
+STEPS ?=
+
+timings: setup ## re-measure the README's durations (toy world, demo, train-vae, train-dit, eval, make test; STEPS='demo test' picks some) into docs/timings.md
+	$(PY) bench/measure_readme.py $(if $(STEPS),--steps $(STEPS))
 
 clean: ## remove generated data, logs and caches (keeps .venv)
 	rm -rf data runs lightning_logs .pytest_cache
