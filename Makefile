@@ -21,10 +21,22 @@ DIT_RUN_DIR ?= runs/dit_$(DIT)
 # the stage-1 checkpoint the DiT preset names (configs/dit/*.yaml: vae_checkpoint); override with VAE_CKPT=...
 VAE_CKPT ?= $(shell sed -n 's/^ *vae_checkpoint: *//p' configs/dit/$(DIT).yaml)
 
-.PHONY: help setup test test-all demo data toy-body inspect cache-latents train-vae train-dit eval sample bench bench-data bench-vae bench-dit bench-dit-parts clean
+.PHONY: help setup test test-all demo data toy-body inspect cache-latents train-vae train-dit eval sample bench bench-data bench-vae bench-dit bench-dit-parts timings clean
 
-help: ## list the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+# the variables `make help` shows with their values (and expands inside the targets' descriptions)
+HELP_VARS := DATA PRESET VAE DIT DATA_CFG TRAINER RUN_DIR DIT_RUN_DIR VAE_CKPT LATENTS EVAL_DIR SAMPLE_CFG \
+  SAMPLE_OUT DEMO_STEPS ARGS
+
+help: ## list the targets, with the variables' current values (override any: make train-vae VAE=base)
+	@sed $(foreach v,$(HELP_VARS),-e 's|$$($(v))|$(subst |,\|,$($(v)))|g') $(MAKEFILE_LIST) \
+	  | awk 'BEGIN {FS = ":.*## "; n = 0} /^[a-zA-Z_-]+:.*## / {name[n] = $$1; text[n++] = $$2; if (length($$1) > w) w = length($$1)} \
+	  END {for (i = 0; i < n; i++) {line = ""; label = name[i]; k = split(text[i], words, " "); \
+	    for (j = 1; j <= k; j++) {if (line != "" && length(line) + length(words[j]) >= 100 - w) \
+	      {printf "  %-" w "s  %s\n", label, line; line = ""; label = ""} \
+	      line = line (line == "" ? "" : " ") words[j]} \
+	    printf "  %-" w "s  %s\n", label, line}}'
+	@echo; echo "variables (current values):"
+	@$(foreach v,$(HELP_VARS),printf "  %-11s = %s\n" "$(v)" "$(subst ",\",$($(v)))";)
 
 $(STAMP): setup.cfg constraints.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -136,6 +148,11 @@ bench-dit-parts: setup ## ISA-DiT time by block part, attention kernel per shape
 
 bench-data: setup ## loader clips/s per worker for 256x256x33 h264 clips; appends to docs/benchmarks.md
 	$(PY) bench/bench_data.py
+
+STEPS ?=
+
+timings: setup ## re-measure the README's durations (toy world, demo, train-vae, train-dit, eval, make test; STEPS='demo test' picks some) into docs/timings.md
+	$(PY) bench/measure_readme.py $(if $(STEPS),--steps $(STEPS))
 
 clean: ## remove generated data, logs and caches (keeps .venv)
 	rm -rf data runs lightning_logs .pytest_cache

@@ -40,7 +40,9 @@ from isa4d.data.datamodule import LoaderHealth
 from isa4d.data.dataset import ClipDataset, SkipCounter, worker_init_fn
 from isa4d.data.examples import ClipOptions
 from isa4d.data.latents import LatentSample, encode_latent_sample, vae_fingerprint
+from isa4d.data.shards import expand_urls
 from isa4d.models.vae import CausalVideoVAE, load_vae
+from isa4d.progress import Progress, count_tar_samples
 
 
 class CachePass(ClipDataset):
@@ -132,7 +134,9 @@ def cache_latents(vae_path: str | Path, urls: str | list[str], out: str, bucket:
     folder.mkdir(parents=True, exist_ok=True)
     shards: list[str] = []
     per_pass, with_bg, health = [], 0, Counter()
-    with wds.ShardWriter(out, maxcount=maxcount, verbose=0, post=shards.append) as sink:
+    per_source = count_tar_samples(expand_urls(urls))  # the progress total: every clip once per pass
+    bar = Progress(per_source * passes if per_source else None, "cache latents", "clips")
+    with bar, wds.ShardWriter(out, maxcount=maxcount, verbose=0, post=shards.append) as sink:
         for p in range(passes):
             loader = DataLoader(CachePass(urls, bucket, options, seed, p), batch_size=None, num_workers=workers,
                                 worker_init_fn=worker_init_fn)
@@ -153,6 +157,7 @@ def cache_latents(vae_path: str | Path, urls: str | list[str], out: str, bucket:
                                                     {"source_key": key, "source_url": source, "pass": p}))
                     with_bg += bg is not None
                 written += len(examples)
+                bar.update(len(examples), f"pass {p + 1}/{passes}")
             per_pass.append(written)
             counts = pass_health.summary()
             health.update({k.removeprefix("data/"): int(v) for k, v in counts.items() if k != "data/skipped_fraction"})

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -111,6 +114,120 @@ def test_console_script_data_inspect(cli_shards, tmp_path):
     assert res.returncode == 1 and "shard_error" in res.stdout
     usage = subprocess.run([sys.executable, "-m", "isa4d.cli", "data", "frobnicate"], capture_output=True, text=True, timeout=60)
     assert usage.returncode == 2
+
+
+# ------------------------------------------------------------------------------------------ a CLI that lists itself
+LISTED = ("fit", "validate", "test", "sample", "predict", "data inspect", "export", "version")
+
+
+def test_help_lists_every_command_and_each_one_answers_help(capsys):
+    from isa4d import __version__
+    from isa4d.cli import main
+
+    for args in (["--help"], []):
+        assert main(args) == 0
+        out = capsys.readouterr().out
+        assert [c for c in LISTED if re.search(rf"^  {c}\s+\w", out, re.M)] == list(LISTED), out
+    assert main(["version"]) == 0 and main(["--version"]) == 0
+    one, two = capsys.readouterr().out.splitlines()
+    assert one == two and one.startswith(f"isa4d {__version__} (torch ")
+    for command in LISTED[:-1]:  # every listed command exists: its --help exits 0 with its own usage line
+        with pytest.raises(SystemExit) as e:
+            main([*command.split(), "--help"])
+        assert e.value.code == 0
+        assert f"usage: isa4d {command}" in capsys.readouterr().out, command
+
+
+def test_sample_help_is_clean(capsys):
+    from isa4d.cli import SAMPLE_DESCRIPTION, main
+
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(SystemExit):
+        warnings.simplefilter("always")
+        main(["sample", "--help"])
+    out = capsys.readouterr()
+    assert out.out.startswith("usage: isa4d sample ") and SAMPLE_DESCRIPTION[:40] in " ".join(out.out.split())
+    assert out.err == "" and not [w for w in caught if "sys.argv" in str(w.message)]
+
+
+# ------------------------------------------------------------------------------------------- one-line everyday errors
+STAGE = ["-c", str(ROOT / "configs/vae/tiny.yaml"), "-c", str(ROOT / "configs/data/toy.yaml"),
+         "-c", str(ROOT / "configs/trainer/cpu_debug.yaml")]
+BAD_INPUTS = {  # args, what the one line must name
+    "wrong option": (["fit", *STAGE, "--trainer.max_stepz=3"],
+                     "unknown option --trainer.max_stepz (did you mean --trainer.max_steps?)"),
+    "wrong nested option": (["fit", *STAGE, "--model.init_args.loss.perceptul=0"],
+                            "--model.init_args.loss.perceptul (did you mean --model.init_args.loss.perceptual?)"),
+    "wrong type": (["fit", *STAGE, "--trainer.max_steps=many"], "--trainer.max_steps: expected int, got 'many'"),
+    "wrong nested type": (["fit", *STAGE, "--model.init_args.loss.perceptual=lots"],
+                          "--model.init_args.loss.perceptual: expected float"),
+    "missing config": (["fit", "-c", "configs/vae/nope.yaml"], "configs/vae/nope.yaml"),
+    "missing data glob": (["fit", *STAGE, "--data.init_args.train_urls=nope/*.tar",
+                           "--model.init_args.loss.perceptual=0"], "data.train_urls: no shard URLs in 'nope/*.tar'"),
+    "missing checkpoint": (["export", "--ckpt_path", "nope/last.ckpt", "--out", "w.safetensors"], "nope/last.ckpt"),
+    "inspect missing glob": (["data", "inspect", "nope/*.tar"], "nope/*.tar"),
+    "unknown command": (["trian"], "unknown command 'trian'"),
+    "model preset alone": (["fit", "-c", "configs/dit/tiny.yaml"], "no data config: add one after the model preset, "
+                                                                    "e.g. -c configs/data/toy.yaml"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=lambda c: c.replace(" ", "_"))
+def test_everyday_bad_input_is_one_line_naming_the_thing(case, capsys, monkeypatch, tmp_path):
+    from isa4d.cli import main
+
+    monkeypatch.delenv("ISA4D_DEBUG", raising=False)
+    monkeypatch.chdir(ROOT)
+    args, named = BAD_INPUTS[case]
+    args = [a.replace("w.safetensors", str(tmp_path / "w.safetensors")) for a in args]
+    assert main([*args, f"--trainer.default_root_dir={tmp_path}"] if args[0] == "fit" else args) != 0
+    err = [ln for ln in capsys.readouterr().err.splitlines() if not ln.startswith("Seed set to")]
+    assert len(err) == 1 and err[0].startswith("isa4d: error: ") and named in err[0], err
+
+
+def test_debug_shows_the_traceback(monkeypatch):
+    from isa4d.cli import UsageError, main
+
+    monkeypatch.delenv("ISA4D_DEBUG", raising=False)
+    with pytest.raises(UsageError, match="max_stepz"):
+        main(["fit", *STAGE, "--trainer.max_stepz=3", "--debug"])
+    monkeypatch.setenv("ISA4D_DEBUG", "1")
+    with pytest.raises(ValueError, match="no shard URLs"):
+        main(["data", "inspect", "nope/*.tar"])
+
+
+def test_export_takes_ckpt_path_and_out_and_still_the_old_positional_form(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from isa4d.cli import main
+
+    weights = {"net.weight": torch.arange(6.0).reshape(2, 3), "net.bias": torch.ones(2)}
+    torch.save({"state_dict": weights, "global_step": 3}, tmp_path / "a.ckpt")
+    assert main(["export", "--ckpt_path", str(tmp_path / "a.ckpt"), "--out", str(tmp_path / "new.safetensors")]) == 0
+    assert "deprecated" not in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "a.ckpt"), str(tmp_path / "old.safetensors")]) == 0
+    assert "`export CKPT OUT` is deprecated" in capsys.readouterr().err
+    for name in ("new", "old"):
+        out = load_file(tmp_path / f"{name}.safetensors")
+        assert out.keys() == weights.keys() and all(torch.equal(out[k], v) for k, v in weights.items())
+
+
+# --------------------------------------------------------------------------------------- quiet logs, progress in logs
+def test_a_fit_in_a_log_has_start_progress_and_end_lines_and_no_upstream_noise(cli_shards, tmp_path):
+    env = {**os.environ, "ISA4D_PROGRESS_SECONDS": "0",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"), str(ROOT)])}
+    env.pop("ISA4D_DEBUG", None)
+    args = _args(cli_shards, tmp_path, "--trainer.max_steps=4", "--trainer.val_check_interval=4")
+    res = subprocess.run([sys.executable, "-m", "isa4d.cli", "fit", *args], capture_output=True, text=True, timeout=300,
+                         env=env, cwd=tmp_path)  # stdout is a pipe: not a terminal
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, log[-4000:]
+    assert re.search(r"^isa4d fit: BatchProbe, \d+ parameters \| data train .*markers-\*\.tar.* \| cpu x1, 32-true "
+                     r"\| .*logs ", res.stdout, re.M), log
+    steps = re.findall(r"^fit  (\d)/4 steps \(\d+%\)  elapsed \d+:\d\d  ETA \d+:\d\d", res.stderr, re.M)
+    assert steps[:4] == ["1", "2", "3", "4"], log
+    assert re.search(r"^isa4d fit done: 4 steps in \d+:\d\d \| ", res.stdout, re.M), log
+    for noise in ("Tip:", "LeafSpec", "GPU available", "\r"):
+        assert noise not in log, noise
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,7 @@ from data_prep.toy_world.motions import (
 )
 from data_prep.toy_world.scene import light_direction, make_scene
 from isa4d.body.smpl import BodyModel
+from isa4d.progress import track
 from isa4d.data.contract import CameraSequence, SMPLSequence, encode_sample, npz_bytes
 from isa4d.render import Mesh, MeshRenderer
 
@@ -239,7 +240,7 @@ def write_split(out: Path, split: str, preset: Preset, seed: int, body_dir, work
         results = map(_job, jobs)
     sink = None
     try:
-        for i, sample in enumerate(results):
+        for i, sample in enumerate(track(results, f"toy world {split}", total=n, unit="clips")):
             if i % preset.clips_per_shard == 0:
                 if sink is not None:
                     sink.close()

@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,6 +19,7 @@ from isa4d.data import video as videolib
 from isa4d.data.contract import OPTIONAL_KEYS, ParsedSample, SampleError
 from isa4d.data.latents import LatentSample, parse_any
 from isa4d.data.shards import expand_urls, iter_samples
+from isa4d.progress import Progress, count_tar_samples
 
 
 @dataclass
@@ -82,7 +84,8 @@ def _deep_check(s: ParsedSample) -> None:
             raise SampleError("frame_mismatch", f"{name} decodes to {n} frames, smpl.npz has {s.smpl.num_frames}", s.key)
 
 
-def inspect(urls: list[str], decode: bool = False) -> Report:
+def inspect(urls: list[str], decode: bool = False, progress: Callable[[int], None] | None = None) -> Report:
+    """`progress(n)`: called as samples are read (the command's progress line)."""
     report = Report()
     failed: set[str] = set()
 
@@ -94,6 +97,8 @@ def inspect(urls: list[str], decode: bool = False) -> Report:
     report.shards = len(expanded)
     for raw in iter_samples(expanded, shard_error):
         report.samples += 1
+        if progress is not None:
+            progress(1)
         try:
             s = parse_any(raw)
             if decode and isinstance(s, ParsedSample):
@@ -133,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode", action="store_true", help="decode every frame of every video (slow, finds mid-stream corruption)")
     ap.add_argument("--json", dest="json_out", help="also write the report as JSON to this path")
     a = ap.parse_args(argv)
-    report = inspect(a.urls, decode=a.decode)
+    with Progress(count_tar_samples(expand_urls(a.urls)), "inspect", "samples") as bar:
+        report = inspect(a.urls, decode=a.decode, progress=bar.update)
     print_report(report)
     if a.json_out:
         with open(a.json_out, "w") as f:
