@@ -6,6 +6,7 @@ initialised diffusers models written to tmp_path: nothing is downloaded.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import pytest
@@ -50,9 +51,9 @@ def image_vae(tmp_path_factory):
     return model, folder
 
 
-def assert_static_video_codes_like_frames(model, vae: CausalVideoVAE, frames: torch.Tensor) -> None:
+def assert_static_video_codes_like_frames(model, vae: CausalVideoVAE, frames: torch.Tensor) -> dict[str, float]:
     """Every latent frame of the still video = the 2D posterior of its frame; decoding a still latent = the 2D
-    decoding in every frame."""
+    decoding in every frame. Returns the largest errors and magnitudes, for the record."""
     with torch.no_grad():
         post_2d = model.encode(frames).latent_dist
         video = frames[:, :, None].expand(-1, -1, 9, -1, -1).contiguous()  # (b, 3, 9, H, W): 3 latent frames
@@ -66,6 +67,10 @@ def assert_static_video_codes_like_frames(model, vae: CausalVideoVAE, frames: to
         assert decoded_3d.shape[2] == 9
         for t in range(9):
             torch.testing.assert_close(decoded_3d[:, :, t], decoded_2d, **TOL)
+    return {"latent_mean_error": (post_3d.mean - post_2d.mean[:, :, None]).abs().max().item(),
+            "latent_mean_max": post_2d.mean.abs().max().item(),
+            "decoded_error": (decoded_3d - decoded_2d[:, :, None]).abs().max().item(),
+            "decoded_max": decoded_2d.abs().max().item()}
 
 
 def test_static_video_codes_as_the_image_vae_codes_each_frame(image_vae):
@@ -192,3 +197,41 @@ def test_sd3_preset_stops_clearly_without_the_weights(tmp_path):
     assert cli.model.vae.config["channel_mults"] == [1, 2, 4, 4] and cli.model.vae.config["norm_groups"] == 32
     with pytest.raises(FileNotFoundError, match="pretrained image VAE not found: missing/sd3_vae"):
         cli.model.setup("fit")
+
+
+SD3_CONFIG = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                  block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16, norm_num_groups=32,
+                  use_quant_conv=False, use_post_quant_conv=False, scaling_factor=SD3_SCALE, shift_factor=SD3_SHIFT)
+
+
+def test_sd3_layout_gives_the_presets_video_vae():
+    """The video VAE built from SD3's VAE config (shapes only, on the meta device) is configs/vae/sd3_inflated.yaml's,
+    and its latent normalisation is the preset's."""
+    import yaml
+
+    from isa4d.models.vae.inflate import ImageVAE, latent_stats, video_vae_config
+
+    with torch.device("meta"):
+        model = diffusers.AutoencoderKL(**SD3_CONFIG)
+    image = ImageVAE(diffusers_to_original(model.state_dict()), dict(model.config), Path("sd3"))
+    preset = yaml.safe_load((ROOT / "configs/vae/sd3_inflated.yaml").read_text())["model"]["init_args"]["vae"]
+    defaults = {k: p.default for k, p in inspect.signature(CausalVideoVAE).parameters.items()}
+    preset = {**defaults, **preset["init_args"]}
+    built = video_vae_config(image)
+    assert {k: preset[k] for k in built} == {k: list(v) if isinstance(v, tuple) else v for k, v in built.items()}
+    mean, std = latent_stats(dict(model.config), 16)
+    torch.testing.assert_close(mean, torch.tensor(preset["latent_mean"]))
+    torch.testing.assert_close(std, torch.tensor(preset["latent_std"]))
+
+
+@pytest.mark.slow
+def test_sd3_size_image_vae_inflates_exactly(tmp_path):
+    """The same equivalence at SD3's full size (a random 84M AutoencoderKL with SD3's config, 64x64 frames)."""
+    torch.manual_seed(0)
+    model = diffusers.AutoencoderKL(**SD3_CONFIG).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    model.save_pretrained(tmp_path)
+    vae = inflate_image_vae(tmp_path).eval()
+    print(assert_static_video_codes_like_frames(model, vae, torch.rand(1, 3, 64, 64) * 2 - 1))  # docs/vae_pretrained.md
