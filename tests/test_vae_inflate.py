@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 
 from isa4d.cli import run_cli
 from isa4d.models.vae import CausalVideoVAE
-from isa4d.models.vae.inflate import diffusers_to_original, inflate_image_vae, inflate_into, read_image_vae
+from isa4d.models.vae.inflate import (diffusers_to_original, inflate_image_vae, inflate_into, load_image_vae_weights,
+                                      read_image_vae)
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -235,3 +236,69 @@ def test_sd3_size_image_vae_inflates_exactly(tmp_path):
     model.save_pretrained(tmp_path)
     vae = inflate_image_vae(tmp_path).eval()
     print(assert_static_video_codes_like_frames(model, vae, torch.rand(1, 3, 64, 64) * 2 - 1))  # docs/vae_pretrained.md
+
+
+def random_video_vae(upsampler: str = "inflated", seed: int = 0) -> CausalVideoVAE:
+    torch.manual_seed(seed)
+    vae = CausalVideoVAE(latent_channels=8, base_channels=8, channel_mults=(1, 2, 2), num_res_blocks=1,
+                         temporal_downsample=(True, True), norm_groups=4, image_decoder_channels=(8, 8),
+                         upsampler=upsampler)
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return vae.eval()
+
+
+def assert_codes_still_videos_as_images(image_stage: CausalVideoVAE, vae: CausalVideoVAE) -> None:
+    """`vae` codes a still 9-frame video as `image_stage` codes its one frame, latent and decoding."""
+    x = torch.rand(2, 3, 1, 32, 32) * 2 - 1
+    with torch.no_grad():
+        image = image_stage.encode(x)
+        video = vae.encode(x.expand(-1, -1, 9, -1, -1).contiguous())
+        decoded = vae.decode(image.mean.expand(-1, -1, 3, -1, -1))  # (2, 3, 9, 32, 32)
+        reference = image_stage.decode(image.mean)  # (2, 3, 1, 32, 32)
+    for i in range(3):
+        torch.testing.assert_close(video.mean[:, :, i], image.mean[:, :, 0], **TOL)
+        torch.testing.assert_close(video.logvar[:, :, i], image.logvar[:, :, 0], **TOL)
+    torch.testing.assert_close(decoded, reference.expand_as(decoded), rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("upsampler", ["inflated", "factorized"])
+def test_image_stage_collapses_to_a_vae_that_codes_still_videos_as_images(upsampler, tmp_path):
+    """An isa4d VAE trained on one-frame clips (the image stage; random here) given as vae_init, from an `isa4d
+    export`-style file: collapsed to the last tap, a still video codes as the image stage codes its frame. As trained,
+    it does not: the earlier frame of each depth-to-time pair was never used on images."""
+    import json
+
+    image_stage = random_video_vae(upsampler)
+    file = tmp_path / "image_stage.safetensors"
+    save_file({k: v.contiguous() for k, v in image_stage.state_dict().items()}, str(file),
+              metadata={"vae_config": json.dumps(image_stage.config)})
+    vae = random_video_vae(upsampler, seed=1)
+    load_image_vae_weights(vae, file)
+    assert_codes_still_videos_as_images(image_stage, vae)
+    torch.testing.assert_close(vae.image_decoder.state_dict(), image_stage.image_decoder.state_dict())
+    with torch.no_grad():
+        z = image_stage.encode(torch.rand(1, 3, 1, 32, 32)).mean
+        uncollapsed = image_stage.decode(z.expand(-1, -1, 3, -1, -1))
+    assert (uncollapsed - image_stage.decode(z)).abs().max() > 0.1
+    other = CausalVideoVAE(**{**image_stage.config, "norm_groups": 2})
+    with pytest.raises(ValueError, match="image_stage.safetensors: an image-stage VAE of another config "
+                                         r"\(norm_groups differ\)"):
+        load_image_vae_weights(other, file)
+
+
+def test_image_stage_trains_on_toy_frames_through_the_cli(tmp_path):
+    """configs/data/toy_frames.yaml: one step of the tiny VAE on single toy-world frames, then its checkpoint as
+    vae_init of the video stage codes still videos as the image stage codes frames."""
+    args = _fit_args(tmp_path, "--trainer.max_steps=1", "--trainer.limit_val_batches=0")
+    args[4] = str(ROOT / "configs/data/toy_frames.yaml")
+    args = [a.replace('"num_frames": 5, "batch_size": 1', '"num_frames": 1, "batch_size": 4') for a in args]
+    cli = run_cli(args)
+    assert cli.trainer.global_step == 1
+    assert cli.model.step_counts == {"samples": 4, "tokens": 4}  # 4 clips of 1 frame
+    checkpoint = tmp_path / "image_stage.ckpt"
+    cli.trainer.save_checkpoint(checkpoint)
+    video = CausalVideoVAE(**cli.model.vae.config)
+    load_image_vae_weights(video, checkpoint)
+    assert_codes_still_videos_as_images(cli.model.vae.eval(), video.eval())

@@ -30,6 +30,8 @@ import torch
 from torch import Tensor
 
 from isa4d.models.vae.autoencoder import CausalVideoVAE
+from isa4d.models.vae.blocks import FactorizedUpsample
+from isa4d.models.vae.causal_conv import CausalConv3d
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 _HELP = "docs/vae_pretrained.md"
@@ -206,7 +208,14 @@ def inflate_tensor(key: str, w: Tensor, shape: tuple[int, ...], source: Path) ->
 
 def load_image_vae_weights(vae: CausalVideoVAE, path: str | Path) -> None:
     """Inflate the image VAE at `path` into an already built `vae` (what `VAEModule(vae_init=...)` does); its
-    latent_mean/latent_std become the image VAE's normalisation when its config gives one, else keep theirs."""
+    latent_mean/latent_std become the image VAE's normalisation when its config gives one, else keep theirs.
+
+    `path` may also be an isa4d VAE checkpoint of the image stage (the same VAE trained on one-frame clips): its
+    weights are collapsed to the last tap instead (`collapse_image_stage`).
+    """
+    if is_isa4d_checkpoint(Path(path)):
+        load_image_stage(vae, path)
+        return
     image = read_image_vae(path)
     inflate_into(vae, image)
     stats = latent_stats(image.config or {}, vae.latent_channels)
@@ -234,4 +243,60 @@ def inflate_image_vae(path: str | Path, scaling_factor: float | None = None, shi
     stats = latent_stats(diffusers_config, vae.latent_channels)
     if stats is not None:
         vae.set_latent_stats(*stats)
+    return vae
+
+
+# ------------------------------------------------------------------------------------------------ image stage
+
+def is_isa4d_checkpoint(path: Path) -> bool:
+    """An isa4d VAE checkpoint: a Lightning .ckpt, a sharded checkpoint folder, or an `isa4d export` file (whose
+    metadata carries vae_config), as `load_vae` reads them."""
+    if path.suffix == ".ckpt" or (path.is_dir() and (path / ".metadata").is_file()):
+        return True
+    if path.suffix == ".safetensors" and path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return "vae_config" in (f.metadata() or {})
+    return False
+
+
+def load_image_stage(vae: CausalVideoVAE, path: str | Path) -> None:
+    """Start `vae` from the isa4d image stage at `path`: the same VAE trained on one-frame clips, collapsed to the
+    last tap (`collapse_image_stage`), its image decoder and latent statistics kept. Raises ValueError when the
+    two configs differ."""
+    from isa4d.models.vae.io import load_vae
+
+    image_stage = load_vae(path, frozen=False)
+    if image_stage.config != vae.config:
+        differ = sorted(k for k in vae.config if image_stage.config.get(k) != vae.config[k])
+        raise ValueError(f"{path}: an image-stage VAE of another config ({', '.join(differ)} differ)")
+    collapse_image_stage(image_stage)
+    vae.load_state_dict(image_stage.state_dict())
+
+
+@torch.no_grad()
+def collapse_image_stage(vae: CausalVideoVAE) -> CausalVideoVAE:
+    """In place: each causal conv's kernel summed over time into its last tap; the second half of each temporal
+    upsampler's 2c outputs copied into the first. Returns `vae`.
+
+    A one-frame clip is padded with copies of its frame, so a VAE trained on images only ever used the sum of its
+    time taps, and only the later frame of each depth-to-time pair (a clip's first latent frame drops the
+    earlier): the collapsed VAE codes images exactly as before and, like an inflated 2D VAE, codes a still video
+    as its frames.
+    """
+    for net in (vae.encoder, vae.decoder):
+        for module in net.modules():
+            if isinstance(module, CausalConv3d) and module.kernel_size[0] > 1:
+                summed = module.weight.sum(2)  # (o, i, kh, kw)
+                module.weight.zero_()
+                module.weight[:, :, -1] = summed
+        for stage in getattr(net, "up", []):
+            upsample = getattr(stage, "upsample", None)
+            if upsample is None or not upsample.temporal:
+                continue
+            conv = upsample.time_conv if isinstance(upsample, FactorizedUpsample) else upsample.conv
+            for tensor in (conv.weight, conv.bias):
+                half = tensor.shape[0] // 2
+                tensor[:half] = tensor[half:]  # depth_to_time: channels [c, 2c) make the later frame
     return vae
