@@ -70,8 +70,9 @@ class VAEModule(L.LightningModule):
     ):
         """`evaluation`: the validation/test metrics, by default PSNR, SSIM and rFVD (FVD of the reconstructions
         against their inputs, logged as `val/rfvd`). `vae_init`: a pretrained 2D image VAE (a diffusers
-        AutoencoderKL folder or an SD3/FLUX ae.safetensors) inflated into `vae` at setup, before training starts
-        (a resumed checkpoint then overwrites it); docs/vae_pretrained.md."""
+        AutoencoderKL folder or an SD3/FLUX ae.safetensors), or an isa4d image-stage checkpoint, inflated into
+        `vae` at setup, before training starts (a checkpoint given to fit/validate then overwrites it);
+        docs/vae_pretrained.md."""
         super().__init__()
         if parallel.cuda_graphs:
             raise ValueError("parallel.cuda_graphs is supported for the DiT stage only: the VAE stage runs the "

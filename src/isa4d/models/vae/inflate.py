@@ -4,10 +4,9 @@ Reads an SD3/FLUX-layout `AutoencoderKL` (16 latent channels, no quant convs) fr
 folder (config.json + diffusion_pytorch_model.safetensors, or a pipeline folder with a `vae/` subfolder) or a
 single original-layout file (SD3's / FLUX's `ae.safetensors`), and inflates it into `CausalVideoVAE`:
 
-- every 3x3 conv kernel goes to the *last* causal tap of the 3x3x3 kernel, zeros at the two earlier taps: output
-  frame t then depends on input frame t alone, exactly as the 2D network sees it (MAGVIT-v2's "central" inflation
-  would average over frames instead, and the causal padding replicates frame 0, so last-tap is the choice that
-  codes a still video as its frames);
+- every 3x3 conv kernel goes to the *last* causal tap of the 3x3x3 kernel (the current frame), zeros at the two
+  earlier taps: each layer starts frame-wise, output frame t depending on input frame t alone, as in the 2D network
+  (I3D's averaging, kernel / 3 at every tap, would code a still video alike but blend frames from the start);
 - a temporal Upsample conv emits 2c channels for two frames: the 2D kernel is written into both halves;
 - 1x1 shortcuts, GroupNorms and the mid-attention q/k/v/proj_out are copied (they mix no frames);
 - the image VAE's latent normalisation z' = (z - shift_factor) * scaling_factor (or its per-channel
@@ -17,6 +16,9 @@ single original-layout file (SD3's / FLUX's `ae.safetensors`), and inflates it i
 With these weights a static video codes to latent frames that each equal the 2D posterior of the frame, and
 decodes to the 2D decoding of every frame (tests/test_vae_inflate.py): training starts from the image model and
 only has to learn time. No diffusers import: both layouts are plain safetensors, read here.
+
+isa4d's own image stage (the same VAE trained on one-frame clips) is started from by `collapse_image_stage`, the
+same idea for a network that already has time taps.
 """
 
 from __future__ import annotations
