@@ -120,6 +120,13 @@ def test_single_original_layout_file_inflates_like_the_diffusers_folder(image_va
         if not key.startswith("image_decoder."):  # the regulariser head is not inflated: random either way
             assert torch.equal(a, b), key
     assert_static_video_codes_like_frames(model, vae, torch.rand(1, 3, 32, 32) * 2 - 1)
+    # SD3's all-in-one checkpoint: the VAE under first_stage_model., beside the other networks
+    all_in_one = {**{f"first_stage_model.{k}": v.contiguous() for k, v in original.items()},
+                  "model.diffusion_model.x_embedder.proj.weight": torch.zeros(4, 16, 2, 2)}
+    save_file(all_in_one, str(tmp_path / "sd3_medium.safetensors"))
+    from_all = inflate_image_vae(tmp_path / "sd3_medium.safetensors", norm_groups=4)
+    assert all(torch.equal(a, b) for a, b in zip(from_all.encoder.state_dict().values(),
+                                                 reference.encoder.state_dict().values()))
 
 
 def test_missing_or_mismatched_weights_give_one_clear_error(image_vae, tmp_path):

@@ -58,7 +58,7 @@ def read_image_vae(path: str | Path) -> ImageVAE:
     A single file takes the diffusers config.json beside it when there is one. Raises FileNotFoundError or
     ValueError with one line naming the path and what is wrong.
     """
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     path = Path(path)
     if not path.exists():
@@ -66,7 +66,8 @@ def read_image_vae(path: str | Path) -> ImageVAE:
                                 f"config.json and {WEIGHTS_NAME}, or an SD3/FLUX ae.safetensors file; {_HELP})")
     if path.is_dir():
         folder = path / "vae" if (path / "vae" / "config.json").exists() else path
-        weights = folder / WEIGHTS_NAME
+        weights = next((folder / n for n in (WEIGHTS_NAME, WEIGHTS_NAME.replace(".safetensors", ".fp16.safetensors"))
+                        if (folder / n).exists()), folder / WEIGHTS_NAME)
         if not weights.exists():
             raise ValueError(f"{path}: no {WEIGHTS_NAME} in this folder (a diffusers AutoencoderKL folder holds "
                              f"config.json and {WEIGHTS_NAME}; {_HELP})")
@@ -78,13 +79,15 @@ def read_image_vae(path: str | Path) -> ImageVAE:
     config = json.loads(config_path.read_text()) if config_path.exists() else None
     if config is not None and config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
         raise ValueError(f"{config_path}: a {config['_class_name']} config, not an AutoencoderKL one")
-    state = load_file(str(weights), device="cpu")
-    for prefix in _PREFIXES:
-        if any(k.startswith(prefix + "encoder.") for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    if "encoder.conv_in.weight" not in state or "decoder.conv_in.weight" not in state:
-        raise ValueError(f"{weights}: not an AutoencoderKL state dict (no encoder/decoder.conv_in.weight; its keys "
-                         f"start {sorted(state)[:3]})")
+    with safe_open(str(weights), framework="pt", device="cpu") as f:
+        keys = list(f.keys())
+        # an all-in-one checkpoint (SD3's) holds the VAE under a prefix: read only those tensors
+        prefix = next((p for p in _PREFIXES if any(k.startswith(p + "encoder.") for k in keys)), "")
+        keys = [k for k in keys if k.startswith(prefix)]
+        if prefix + "encoder.conv_in.weight" not in keys or prefix + "decoder.conv_in.weight" not in keys:
+            raise ValueError(f"{weights}: not an AutoencoderKL state dict (no encoder/decoder.conv_in.weight; its "
+                             f"keys start {sorted(keys)[:3]})")
+        state = {k[len(prefix):]: f.get_tensor(k) for k in keys}
     quant = sorted({k.split(".")[0] for k in state if k.split(".")[0] in ("quant_conv", "post_quant_conv")})
     if quant:
         raise ValueError(f"{weights}: has {'/'.join(quant)}, the SD1/SD2/SDXL layout (4 latent channels); isa4d "
