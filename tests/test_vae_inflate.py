@@ -1,7 +1,8 @@
 """Inflating a pretrained 2D image VAE (diffusers AutoencoderKL, SD3/FLUX layout) into the causal video VAE.
 
-A static video must code exactly as the 2D VAE codes each of its frames. Everything runs on small, randomly
-initialised diffusers models written to tmp_path: nothing is downloaded.
+A static video must code exactly as the 2D VAE codes each of its frames; the same for isa4d's own image stage
+(the VAE trained on one-frame clips) once collapsed to the last tap. Everything runs on small, randomly initialised
+models written to tmp_path: nothing is downloaded.
 """
 
 from __future__ import annotations
