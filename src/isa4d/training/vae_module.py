@@ -21,6 +21,7 @@ from isa4d.data.batch import Batch
 from isa4d.metrics.reconstruction import VideoPSNR, lowpass_baseline
 from isa4d.models.vae import CausalVideoVAE, latent_moments, stats_from_moments
 from isa4d.models.vae.discriminators import PatchDiscriminator2D, PatchDiscriminator3D
+from isa4d.models.vae.inflate import load_image_vae_weights
 from isa4d.models.vae.losses import adaptive_gan_weight, hinge_d_loss, hinge_g_loss
 from isa4d.models.vae.lpips import LPIPS, perceptual_video
 from isa4d.parallel import ParallelConfig, configure_parallel
@@ -66,9 +67,13 @@ class VAEModule(L.LightningModule):
         video_log_count: int = 2,
         evaluation: VideoEvaluation | None = None,
         parallel: ParallelConfig = ParallelConfig(),
+        vae_init: str | None = None,
     ):
         """`evaluation`: the validation/test metrics, by default PSNR, SSIM and rFVD (FVD of the reconstructions
-        against their inputs, logged as `val/rfvd`)."""
+        against their inputs, logged as `val/rfvd`). `vae_init`: a pretrained 2D image VAE (a diffusers
+        AutoencoderKL folder or an SD3/FLUX ae.safetensors), or an isa4d image-stage checkpoint, inflated into
+        `vae` at setup, before training starts (a checkpoint given to fit/validate then overwrites it);
+        docs/vae_pretrained.md."""
         super().__init__()
         if parallel.cuda_graphs:
             raise ValueError("parallel.cuda_graphs is supported for the DiT stage only: the VAE stage runs the "
@@ -85,6 +90,7 @@ class VAEModule(L.LightningModule):
         self.video_log_count = video_log_count
         self.evaluation = evaluation if evaluation is not None else VideoEvaluation(("psnr", "ssim", "fvd"))
         self.parallel = parallel
+        self.vae_init = vae_init
         self.automatic_optimization = False
         self._stats: list[torch.Tensor] = []
         self._l1 = MeanMetric()  # validation L1, weighted by clips and gathered over ranks
@@ -217,6 +223,9 @@ class VAEModule(L.LightningModule):
         checkpoint["vae_config"] = dict(self.vae.config)  # isa4d.models.vae.load_vae rebuilds the VAE from it
 
     def setup(self, stage: str) -> None:
+        if self.vae_init is not None:  # at setup, not in __init__: configs parse and build without the weights
+            load_image_vae_weights(self.vae, self.vae_init)
+            self.vae_init = None  # once: a later stage's setup must not undo training
         if stage in ("fit", "validate", "test"):  # not for predict: sampling needs no metric networks
             self.evaluation.build()
 

@@ -12,6 +12,7 @@ from isa4d.models.vae.autoencoder import (
 from isa4d.models.vae.blocks import Downsample, FrameGroupNorm, ResnetBlock3D, SpatialAttention, Upsample
 from isa4d.models.vae.causal_conv import CausalConv3d, reset_cache, streaming
 from isa4d.models.vae.image_decoder import ImageDecoder
+from isa4d.models.vae.inflate import inflate_image_vae, load_image_vae_weights, read_image_vae
 from isa4d.models.vae.io import load_vae
 from isa4d.models.vae.tiling import run_chunked, run_tiled
 
@@ -28,7 +29,10 @@ __all__ = [
     "SpatialAttention",
     "Upsample",
     "estimate_latent_stats",
+    "inflate_image_vae",
+    "load_image_vae_weights",
     "load_vae",
+    "read_image_vae",
     "reset_cache",
     "run_chunked",
     "run_tiled",
