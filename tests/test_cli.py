@@ -117,7 +117,7 @@ def test_console_script_data_inspect(cli_shards, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ a CLI that lists itself
-LISTED = ("fit", "validate", "test", "sample", "predict", "data inspect", "export", "version")
+LISTED = ("fit", "validate", "test", "sample", "data inspect", "export", "version")
 
 
 def test_help_lists_every_command_and_each_one_answers_help(capsys):
