@@ -19,7 +19,6 @@ Wall times, the device and the versions go into the state file (runs/proof/state
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform

@@ -22,9 +22,7 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 
 from isa4d.data.contract import parse_sample
@@ -32,6 +30,7 @@ from isa4d.data.shards import expand_urls, iter_samples
 from isa4d.data.video import decode_all
 from isa4d.metrics.reconstruction import lowpass_baseline, psnr_per_frame
 from isa4d.models.vae import CausalVideoVAE
+from isa4d.training.augment import structured_motion
 
 TINY = dict(latent_channels=16, base_channels=32, channel_mults=[1, 2, 2, 4], num_res_blocks=1,
             temporal_downsample=[False, True, True], mid_attention=False, norm_groups=8, image_regularizer=False)
@@ -118,7 +117,6 @@ def run_variant(name: str, train: torch.Tensor, val: torch.Tensor, args) -> dict
     data = batches(train, args.batch, opt["frames"], args.crop, opt["static"], gen)
     curve, start, step = [], time.perf_counter(), 0
     val_curve = []
-    from isa4d.training.augment import structured_motion
     while step < args.steps and time.perf_counter() - start < args.seconds:
         x = next(data).to(device)
         if opt["motion"] > 0:
@@ -143,7 +141,7 @@ def run_variant(name: str, train: torch.Tensor, val: torch.Tensor, args) -> dict
         optim.step()
         step += 1
         if step % max(args.steps // 20, 1) == 0:
-            curve.append((step, round(float(loss), 5)))
+            curve.append((step, round(loss.item(), 5)))
         if args.eval_every and step % args.eval_every == 0:
             val_curve.append((step, round(time.perf_counter() - start, 1), round(evaluate(vae, val)["psnr"], 2)))
     seconds = time.perf_counter() - start
