@@ -21,7 +21,7 @@ DIT_RUN_DIR ?= runs/dit_$(DIT)
 # the stage-1 checkpoint the DiT preset names (configs/dit/*.yaml: vae_checkpoint); override with VAE_CKPT=...
 VAE_CKPT ?= $(shell sed -n 's/^ *vae_checkpoint: *//p' configs/dit/$(DIT).yaml)
 
-.PHONY: help setup test test-all demo data toy-body inspect cache-latents train-vae train-dit eval sample bench bench-data bench-vae bench-dit bench-dit-parts timings clean
+.PHONY: help setup test test-all demo data toy-body inspect cache-latents train-vae train-dit eval sample bench bench-data bench-vae bench-dit bench-dit-parts timings proof clean
 
 # the variables `make help` shows with their values (and expands inside the targets' descriptions)
 HELP_VARS := DATA PRESET VAE DIT DATA_CFG TRAINER RUN_DIR DIT_RUN_DIR VAE_CKPT LATENTS EVAL_DIR SAMPLE_CFG \
@@ -129,6 +129,9 @@ runs/dit_%/checkpoints/last.ckpt: # a missing stage-2 checkpoint of a preset: tr
 
 runs/vae_%/checkpoints/last.ckpt: # a missing stage-1 checkpoint of a preset: train it (same TRAINER and DATA_CFG)
 	$(MAKE) train-vae VAE=$* ARGS=
+
+proof: setup ## one GPU: toy proof data, VAE, the four pose variants x 2 seeds, test, docs/proof.md (bench/proof.py; ARGS=...)
+	$(PY) bench/proof.py $(ARGS)
 
 bench: bench-data ## every benchmark that runs here
 
